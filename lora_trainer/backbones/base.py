@@ -1,0 +1,107 @@
+"""The backbone protocol: where the base model comes from, seen by the one training loop.
+
+A backbone wraps a model someone else owns (a checkpoint we loaded, or the WebUI's live model).
+The loop only calls the methods below; it never touches a diffusers or ldm class itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+# SD1/SD2: a tensor [B, 77*k, dim]. SDXL: {"crossattn": [B, 77*k, 2048], "vector": [B, 2816]}.
+Conditioning = Union[torch.Tensor, Dict[str, torch.Tensor]]
+Size = Tuple[int, int]  # (width, height) in pixels
+
+
+class Backbone(Protocol):
+    family: str  # "sd1" | "sd2" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    alphas_cumprod: torch.Tensor  # [1000] float32 on the CPU
+    device: torch.device  # where the UNet computes
+    dtype: torch.dtype  # the UNet's compute dtype
+    model_name: str  # shown in metadata (ss_sd_model_name)
+    model_hash: Optional[str]  # ss_sd_model_hash, when known
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], [B, 3, H, W] -> scaled latents [B, 4, H/8, W/8] (no grad)."""
+
+    def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None) -> Conditioning:
+        """Prompts -> conditioning; gradients flow only when a text-encoder LoRA is attached and training."""
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's output (epsilon or v) for integer timesteps in [0, 1000)."""
+
+    def lora_targets(self, conv: bool = False, text_encoder: bool = False) -> Dict[str, nn.Module]:
+        """kohya module name -> Linear/Conv2d layer to adapt.
+
+        Without ``conv``: Linear and 1x1 Conv layers of the UNet's attention blocks (kohya's LoRA-LierLa).
+        With ``conv``: also the layers of resnet, down- and up-sample blocks (LoCon / LoRA-C3Lier).
+        With ``text_encoder``: also the attention and MLP layers of each text encoder.
+        """
+
+    def borrow(self, gradient_checkpointing: bool = False) -> contextlib.AbstractContextManager:
+        """Freeze the model for training and give it back exactly as it was on exit (also on error)."""
+
+    def generate(self, prompts: Sequence[str], negative_prompt: str, seed: int, steps: int,
+                 guidance_scale: float, size: Size) -> List["PIL.Image.Image"]:  # noqa: F821
+        """Render images with whatever LoRA is attached right now."""
+
+
+@dataclass
+class _ModuleState:
+    training: List[bool]  # every submodule, in modules() order
+    requires_grad: List[bool]
+    devices: List[torch.device]
+    dtypes: List[torch.dtype]
+
+
+class FrozenModels:
+    """Records train/eval mode, requires_grad, devices and dtypes of modules and restores them.
+
+    ``with FrozenModels(unet, vae): ...`` freezes every parameter for the duration; the LoRA
+    parameters live in their own module, outside these trees, so they are unaffected.
+    """
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = [m for m in modules if m is not None]
+        self.saved: List[_ModuleState] = []
+
+    def __enter__(self) -> "FrozenModels":
+        self.saved = []
+        for module in self.modules:
+            params = list(module.parameters())
+            self.saved.append(_ModuleState(
+                training=[m.training for m in module.modules()],
+                requires_grad=[p.requires_grad for p in params],
+                devices=[p.device for p in params],
+                dtypes=[p.dtype for p in params],
+            ))
+            module.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for module, state in zip(self.modules, self.saved):
+            for sub, flag in zip(module.modules(), state.training):
+                sub.training = flag
+            for p, flag in zip(module.parameters(), state.requires_grad):
+                p.requires_grad_(flag)
+
+    def changed_placement(self) -> List[str]:
+        """Descriptions of parameters whose device or dtype differ from when we entered (should be none)."""
+        out = []
+        for module, state in zip(self.modules, self.saved):
+            for i, p in enumerate(module.parameters()):
+                if p.device != state.devices[i] or p.dtype != state.dtypes[i]:
+                    out.append(f"{type(module).__name__} param {i}: {state.devices[i]}/{state.dtypes[i]} -> "
+                               f"{p.device}/{p.dtype}")
+        return out
+
+
+@contextlib.contextmanager
+def nothing() -> Iterator[None]:
+    yield

@@ -1,0 +1,366 @@
+"""TrainConfig: the one schema behind YAML files, CLI flags, the tab's fields and the HTTP API.
+
+The config is flat (every key is unique), which is what kohya users and the brief's YAML expect;
+each field still names its section (``model``, ``data``, ...) so help, the UI and nested YAML
+(``data: {train_data_dir: ...}``) can group them. Validation happens once, in ``from_dict``;
+an instance is frozen and always valid. Derived numbers (total steps, epochs) live in
+``plan.TrainPlan``, never written back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+logger = logging.getLogger("lora_trainer")
+
+SECTIONS = ("model", "data", "network", "optim", "schedule", "sample", "output", "runtime")
+
+# Keys other trainers (kohya sd-scripts, diffusers examples) use for the same thing.
+# They keep working, with a warning naming the key to use instead.
+DEPRECATED_KEYS = {
+    "pretrained_model_name_or_path": "base_model",
+    "network_dim": "lora_rank",
+    "network_alpha": "lora_alpha",
+    "rank": "lora_rank",
+    "conv_dim": "conv_rank",
+    "train_batch_size": "batch_size",
+    "max_train_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "save_every_n_steps": "save_steps",
+    "optimizer_type": "optimizer",
+    "network_weights": "init_lora",
+    "in_json": "metadata_path",
+    "num_repeats": "repeats",
+}
+
+
+def option(default: Any, section: str, help: str, *, choices: tuple = (), min: float | None = None,
+           max: float | None = None, runtime: bool = False) -> Any:
+    """A config field with its help text and limits kept beside it (as peft does)."""
+    meta = {"section": section, "help": help, "choices": choices, "min": min, "max": max, "runtime": runtime}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- model ---------------------------------------------------------------------------------
+    base_model: str = option("", "model", "Base checkpoint: a .safetensors or .ckpt file, or a diffusers folder.")
+    model_config: str = option(
+        "", "model",
+        "A diffusers folder whose config files describe the base model's architecture; "
+        "empty uses the bundled config of the detected family.")
+    family: str = option("auto", "model", "Model family; auto detects it from the checkpoint.", choices=("auto", "sd1"))
+    prediction_type: str = option(
+        "auto", "model", "What the UNet predicts; auto takes the family default (epsilon for SD1).",
+        choices=("auto", "epsilon", "v_prediction"))
+    clip_skip: int = option(1, "model", "Use the output of the Nth-from-last text encoder layer (1 = last).",
+                            min=1, max=12)
+    # -- data ----------------------------------------------------------------------------------
+    train_data_dir: str = option("", "data", "Folder of training images (sub-folders named like 10_name repeat 10x).")
+    metadata_path: str = option(
+        "", "data", "Captions file: metadata.csv (filename,prompt) or metadata.jsonl (file_name,text); "
+        "empty looks for one in train_data_dir, then for sidecar .txt files.")
+    caption_extension: str = option(".txt", "data", "Extension of sidecar caption files.")
+    repeats: int = option(1, "data", "How often each image is seen per epoch (a 10_name folder overrides it).",
+                          min=1, max=10000)
+    resolution: int = option(512, "data", "Training resolution in pixels (the area of each bucket).", min=64, max=4096)
+    enable_bucket: bool = option(True, "data", "Group images by aspect ratio instead of cropping them square.")
+    min_bucket_reso: int = option(256, "data", "Smallest bucket side in pixels.", min=64, max=4096)
+    max_bucket_reso: int = option(1024, "data", "Largest bucket side in pixels.", min=64, max=8192)
+    bucket_reso_steps: int = option(64, "data", "Bucket sides are multiples of this (at least 8).", min=8, max=512)
+    bucket_no_upscale: bool = option(False, "data", "Never upscale a small image to fill its bucket.")
+    flip_aug: bool = option(False, "data", "Also train on horizontally mirrored images.")
+    shuffle_caption: bool = option(False, "data", "Shuffle comma-separated tags of each caption every step.")
+    keep_tokens: int = option(0, "data", "With shuffle_caption: keep the first N tags in place.", min=0, max=75)
+    caption_dropout_rate: float = option(0.0, "data", "Probability of training a step with an empty caption.",
+                                         min=0.0, max=1.0)
+    trigger_word: str = option("", "data", "Word put first in every caption (and into name.json's activation text).")
+    caption_prefix: str = option("", "data", "Text put before every caption (after the trigger word).")
+    cache_latents: bool = option(True, "data", "Encode each image once before training (much faster).")
+    # -- network -------------------------------------------------------------------------------
+    network: str = option("lora", "network", "lora: attention and feed-forward layers; locon: also conv layers.",
+                          choices=("lora", "locon"))
+    lora_rank: int = option(16, "network", "LoRA rank (dim): capacity and file size.", min=1, max=1024)
+    lora_alpha: Optional[float] = option(
+        None, "network", "LoRA alpha; the update is scaled by alpha/rank. Empty: same as lora_rank (scale 1).",
+        min=0.0, max=4096.0)
+    conv_rank: Optional[int] = option(None, "network", "Rank of the conv layers (locon). Empty: same as lora_rank.",
+                                      min=1, max=1024)
+    conv_alpha: Optional[float] = option(None, "network", "Alpha of the conv layers (locon). Empty: same as conv_rank.",
+                                         min=0.0, max=4096.0)
+    init_lora: str = option("", "network", "Start from the weights of an existing LoRA file instead of zeros.")
+    # -- optim ---------------------------------------------------------------------------------
+    optimizer: str = option("adamw", "optim", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt).",
+                            choices=("adamw", "adamw8bit", "prodigy"))
+    learning_rate: float = option(1e-4, "optim", "Learning rate (use 1.0 with prodigy).", min=0.0, max=10.0)
+    weight_decay: float = option(0.01, "optim", "Decoupled weight decay.", min=0.0, max=10.0)
+    max_grad_norm: float = option(1.0, "optim", "Clip gradients to this norm (0 = no clipping).", min=0.0, max=1e6)
+    lr_scheduler: str = option(
+        "constant", "optim", "Learning-rate schedule.",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: int = option(0, "optim", "Steps of linear warm-up at the start.", min=0, max=10_000_000)
+    lr_scheduler_num_cycles: int = option(1, "optim", "Restarts for cosine_with_restarts.", min=1, max=1000)
+    gradient_accumulation_steps: int = option(1, "optim", "Add up gradients over N batches per optimizer step.",
+                                              min=1, max=1024)
+    mixed_precision: str = option("no", "optim", "Compute in fp16 or bf16 (LoRA weights stay fp32).",
+                                  choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = option(False, "optim", "Trade compute for memory in the UNet.")
+    noise_offset: float = option(0.0, "optim", "Offset noise strength (darker darks, brighter brights).",
+                                 min=0.0, max=1.0)
+    min_snr_gamma: float = option(0.0, "optim", "Min-SNR loss weighting gamma (5 is usual; 0 = off).",
+                                  min=0.0, max=100.0)
+    # -- schedule ------------------------------------------------------------------------------
+    batch_size: int = option(1, "schedule", "Images per batch.", min=1, max=1024)
+    epochs: int = option(10, "schedule", "Passes over the dataset (ignored when max_train_steps is set).",
+                         min=1, max=100_000)
+    max_train_steps: int = option(0, "schedule", "Total optimizer steps; 0 = derive from epochs.",
+                                  min=0, max=10_000_000)
+    seed: int = option(42, "schedule", "Random seed: same seed, same data and config -> same LoRA.",
+                       min=0, max=2**31 - 1)
+    save_steps: int = option(0, "schedule", "Save a resumable checkpoint every N steps (0 = only at the end).",
+                             min=0, max=10_000_000)
+    keep_checkpoints: int = option(3, "schedule", "Keep only the newest N checkpoints (0 = keep all).",
+                                   min=0, max=100_000)
+    # -- sample --------------------------------------------------------------------------------
+    sample_prompts: list = option([], "sample", "Prompts to render while training (and for the preview image).")
+    sample_every_n_steps: int = option(0, "sample", "Render sample_prompts every N steps (0 = only at the end).",
+                                       min=0, max=10_000_000)
+    sample_negative_prompt: str = option("", "sample", "Negative prompt for the samples.")
+    sample_steps: int = option(20, "sample", "Sampling steps per sample image.", min=1, max=500)
+    sample_guidance_scale: float = option(7.0, "sample", "Classifier-free guidance scale for samples.",
+                                          min=0.0, max=50.0)
+    sample_seed: int = option(1234, "sample", "Seed of the sample images (fixed, so samples are comparable).",
+                              min=0, max=2**31 - 1)
+    # -- output --------------------------------------------------------------------------------
+    output_dir: str = option("output", "output", "Where run folders are created.")
+    output_name: str = option("", "output", "Name of the run and of the LoRA file (default: the config file's name).")
+    save_precision: str = option("auto", "output", "Precision of the saved LoRA; auto: fp32, or the mixed precision.",
+                                 choices=("auto", "fp32", "fp16", "bf16"))
+    preferred_weight: float = option(0.7, "output", "Weight written to name.json for the WebUI's <lora:name:w>.",
+                                     min=0.0, max=2.0)
+    description: str = option("", "output", "Description written to name.json and the file's metadata.")
+    # -- runtime (never saved with the run) -----------------------------------------------------
+    device: str = option("auto", "runtime", "auto, cpu, cuda or cuda:N.", runtime=True)
+    resume: str = option("", "runtime", "Run folder to resume from its last checkpoint.", runtime=True)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        """Validate ``values`` (from YAML, CLI or a form) and build a config; raise ConfigError naming the key."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
+        flat = _flatten_sections(values, source)
+        kwargs = {}
+        for key, value in flat.items():
+            name = _canonical_key(key, source)
+            if name in kwargs:
+                raise ConfigError(f"{source}: '{name}' is given twice (as '{key}' too); keep one")
+            kwargs[name] = _coerce(FIELDS[name], value, source)
+        config = cls(**kwargs)
+        config._check_combinations(source)
+        return config
+
+    def to_dict(self, include_runtime: bool = False) -> dict:
+        """Plain values, in schema order; runtime-only fields (device, resume) are left out unless asked."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata["runtime"] and not include_runtime:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, list) else value
+        return out
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        return TrainConfig.from_dict({**self.to_dict(include_runtime=True), **changes})
+
+    def _check_combinations(self, source: str) -> None:
+        missing = [k for k in ("base_model", "train_data_dir") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(f"{source}: '{missing[0]}' is required (set it in the YAML file or with --{missing[0]})")
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ConfigError(f"{source}: min_bucket_reso ({self.min_bucket_reso}) is larger than "
+                              f"max_bucket_reso ({self.max_bucket_reso})")
+        if self.resolution % 8:
+            raise ConfigError(f"{source}: 'resolution' must be a multiple of 8, got {self.resolution}")
+        if self.bucket_reso_steps % 8:
+            raise ConfigError(f"{source}: 'bucket_reso_steps' must be a multiple of 8, got {self.bucket_reso_steps}")
+        if self.keep_tokens and not self.shuffle_caption:
+            logger.warning("keep_tokens=%d has no effect without shuffle_caption", self.keep_tokens)
+        if self.output_name and not is_safe_name(self.output_name):
+            raise ConfigError(f"{source}: 'output_name' {self.output_name!r} must be a plain file name: letters, "
+                              "digits, spaces, '-', '_' or '.', without '/', '\\' or '..'")
+        if any(not isinstance(p, str) for p in self.sample_prompts):
+            raise ConfigError(f"{source}: 'sample_prompts' must be a list of strings")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def is_safe_name(name: str) -> bool:
+    """True for a name that stays a single file name on every OS (no separators, no '..', no control chars)."""
+    if not name or name in (".", "..") or ".." in name or name.strip() != name:
+        return False
+    return all(c.isalnum() or c in " -_.+()[]" for c in name)
+
+
+def fields_by_section() -> dict:
+    """Section name -> list of dataclass fields, in schema order (for help text and the UI)."""
+    out: dict = {s: [] for s in SECTIONS}
+    for f in dataclasses.fields(TrainConfig):
+        out[f.metadata["section"]].append(f)
+    return out
+
+
+def load_config_file(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML (or JSON) config file, apply ``overrides`` on top, validate."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected YAML)") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected 'key: value' lines, got a {type(values).__name__}")
+    values = _flatten_sections(values, str(path))
+    return TrainConfig.from_dict({**values, **(overrides or {})}, source=str(path))
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML, grouped by section with comments, loadable by ``load_config_file``."""
+    import yaml
+
+    values = config.to_dict()
+    lines = []
+    for section, fields in fields_by_section().items():
+        chunk = {f.name: values[f.name] for f in fields if f.name in values}
+        if chunk:
+            lines.append(f"# {section}")
+            lines.append(yaml.safe_dump(chunk, sort_keys=False, allow_unicode=True).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+# -- parsing helpers ---------------------------------------------------------------------------
+
+def _flatten_sections(values: dict, source: str) -> dict:
+    flat = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                name = _canonical_key(sub_key, source)
+                if FIELDS[name].metadata["section"] != key:
+                    raise ConfigError(f"{source}: '{sub_key}' belongs in section "
+                                      f"'{FIELDS[name].metadata['section']}', not '{key}'")
+                flat[sub_key] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def _canonical_key(key: Any, source: str) -> str:
+    key = str(key).replace("-", "_")
+    if key in FIELDS:
+        return key
+    if key in DEPRECATED_KEYS:
+        logger.warning("%s: '%s' is read as '%s'; use '%s' to silence this warning",
+                       source, key, DEPRECATED_KEYS[key], DEPRECATED_KEYS[key])
+        return DEPRECATED_KEYS[key]
+    close = difflib.get_close_matches(key, list(FIELDS) + list(DEPRECATED_KEYS), n=1, cutoff=0.6)
+    hint = f"; did you mean '{DEPRECATED_KEYS.get(close[0], close[0])}'?" if close else ""
+    raise ConfigError(f"{source}: unknown option '{key}'{hint} (run with --help for the list)")
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, or raise ConfigError naming the field."""
+    name, meta = f.name, f.metadata
+    kind = _TYPES[name]
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    if optional:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+    where = f"{source}: '{name}'"
+    if kind is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            out = value.strip().lower() in _TRUE
+        else:
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif kind is int:
+        out = _to_number(value, int, where, "a whole number")
+    elif kind is float:
+        out = _to_number(value, float, where, "a number")
+    elif kind is str:
+        if value is None:
+            value = ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be text, got a {type(value).__name__}")
+        out = str(value)
+        if isinstance(value, bool):  # YAML turns "yes"/"no" into booleans
+            raise ConfigError(f"{where} must be text, got {value!r} (quote it)")
+    elif kind is list:
+        if value is None:
+            value = []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        out = [str(v) for v in value]
+    else:  # pragma: no cover - a new field type needs a branch here
+        raise TypeError(f"no coercion for {name}: {kind}")
+    if meta["choices"] and out not in meta["choices"]:
+        close = difflib.get_close_matches(str(out), [str(c) for c in meta["choices"]], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where} must be one of {', '.join(meta['choices'])}; got {out!r}{hint}")
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        lo, hi = meta["min"], meta["max"]
+        if (lo is not None and out < lo) or (hi is not None and out > hi):
+            raise ConfigError(f"{where} must be between {_fmt(lo)} and {_fmt(hi)}, got {_fmt(out)}")
+    return out
+
+
+def _to_number(value: Any, kind: type, where: str, what: str) -> Any:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text) if kind is float or any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            raise ConfigError(f"{where} must be {what}, got {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if kind is int:
+        if float(value) != int(value):
+            raise ConfigError(f"{where} must be {what}, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _fmt(number: Any) -> str:
+    return f"{number:g}" if isinstance(number, float) else str(number)
