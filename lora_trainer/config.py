@@ -208,6 +208,14 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
+def field_type(name: str) -> type:
+    """The plain type of a field (``Optional[int]`` -> ``int``)."""
+    kind = _TYPES[name]
+    if typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
 def is_safe_name(name: str) -> bool:
     """True for a name that stays a single file name on every OS (no separators, no '..', no control chars)."""
     if not name or name in (".", "..") or ".." in name or name.strip() != name:

@@ -1,0 +1,129 @@
+"""LoRA modules attached to a borrowed model, kept outside its module tree.
+
+We use lycoris-lora's ``LoConModule`` (LoRA for Linear layers, LoCon for convs): it attaches by
+replacing ``forward`` on the original layer and holds the layer in a plain list, so the base
+model's parameters, state_dict and ``.to()`` moves are untouched (DESIGN invariant 1). The
+WebUI's ``--medvram`` hooks and Forge's memory manager move base modules around; our parameters
+live in this network, which the trainer places itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def is_conv_kxk(module: nn.Module) -> bool:
+    """A conv with a kernel larger than 1x1: trained at ``conv_rank`` (LoCon), as kohya does."""
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+class LoraNetwork(nn.Module):
+    """One LoRA module per target layer, named with kohya's module names."""
+
+    def __init__(self, targets: Dict[str, nn.Module], rank: int, alpha: Optional[float] = None,
+                 conv_rank: Optional[int] = None, conv_alpha: Optional[float] = None, seed: int = 0):
+        super().__init__()
+        from lycoris.modules.locon import LoConModule
+
+        if not targets:
+            raise ModelError("the model has no layers LoRA can attach to; is it a Stable Diffusion checkpoint?")
+        conv_rank = conv_rank or rank
+        self.modules_by_name = nn.ModuleDict()
+        # Fork the RNG so initial weights depend only on ``seed``, not on what ran before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for name, layer in targets.items():
+                conv = is_conv_kxk(layer)
+                dim = conv_rank if conv else rank
+                a = (conv_alpha if conv else alpha)
+                a = float(dim if a is None else a)
+                # bypass_mode: y = W x + up(down(x)) * scale, never materialising W + dW.
+                self.modules_by_name[name] = LoConModule(name, layer, 1.0, dim, a, bypass_mode=True)
+        self.attached = False
+
+    # -- attaching -----------------------------------------------------------------------------
+    def attach(self) -> None:
+        for module in self.modules_by_name.values():
+            module.apply_to()
+        self.attached = True
+
+    def detach(self) -> None:
+        for module in reversed(list(self.modules_by_name.values())):
+            module.restore()
+        self.attached = False
+
+    @contextlib.contextmanager
+    def attached_to_model(self) -> Iterator["LoraNetwork"]:
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for module in self.modules_by_name.values():
+            module.multiplier = multiplier
+
+    @contextlib.contextmanager
+    def multiplier(self, value: float) -> Iterator[None]:
+        old = next(iter(self.modules_by_name.values())).multiplier
+        self.set_multiplier(value)
+        try:
+            yield
+        finally:
+            self.set_multiplier(old)
+
+    # -- weights in the kohya file format ------------------------------------------------------
+    def kohya_state_dict(self) -> Dict[str, torch.Tensor]:
+        """``name.lora_down.weight``, ``name.lora_up.weight``, ``name.alpha`` for every module."""
+        out = {}
+        for name, module in self.modules_by_name.items():
+            out[f"{name}.lora_down.weight"] = module.lora_down.weight.detach().clone()
+            out[f"{name}.lora_up.weight"] = (module.lora_up.weight * module.scalar).detach().clone()
+            out[f"{name}.alpha"] = module.alpha.detach().clone().float()
+        return out
+
+    def load_kohya_state_dict(self, tensors: Dict[str, torch.Tensor], source: str) -> None:
+        """Copy weights from a kohya-format dict; any name, rank or shape mismatch is one ModelError."""
+        names = _module_names(tensors)
+        unknown = sorted(names - set(self.modules_by_name))
+        if unknown:
+            raise ModelError(f"{source}: {len(unknown)} of its layers are not in this model "
+                             f"(first: {unknown[0]}); it was trained for another model family or network type")
+        with torch.no_grad():
+            for name in names:
+                module = self.modules_by_name[name]
+                for key, param in (("lora_down.weight", module.lora_down.weight),
+                                   ("lora_up.weight", module.lora_up.weight)):
+                    value = tensors.get(f"{name}.{key}")
+                    if value is None:
+                        raise ModelError(f"{source}: '{name}.{key}' is missing")
+                    if value.shape != param.shape:
+                        raise ModelError(f"{source}: '{name}.{key}' has shape {tuple(value.shape)}, this run needs "
+                                         f"{tuple(param.shape)}; set lora_rank/conv_rank/network to match the file")
+                    param.copy_(value.to(param))
+                alpha = tensors.get(f"{name}.alpha")
+                if alpha is not None:
+                    module.alpha.copy_(alpha.reshape(module.alpha.shape).to(module.alpha))
+                    module.scale = float(alpha) / module.lora_dim
+
+    def rank_summary(self) -> Tuple[int, float]:
+        first = next(iter(self.modules_by_name.values()))
+        return first.lora_dim, float(first.alpha)
+
+
+def _module_names(tensors: Dict[str, torch.Tensor]) -> set:
+    names = set()
+    for key in tensors:
+        for suffix in LORA_SUFFIXES:
+            if key.endswith(suffix):
+                names.add(key[: -len(suffix)])
+    return names

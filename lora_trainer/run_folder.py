@@ -1,0 +1,128 @@
+"""One run on disk: ``<output_dir>/<name>/`` with its config, log, metrics, samples and results.
+
+A run folder is created new for every run (``name``, ``name-2``, ...) and reused only by a
+resume or an extend of that same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .charts import loss_chart
+from .config import TrainConfig, config_to_yaml, load_config_file
+from .errors import TrainingError
+from .files import new_run_dir, write_atomic, write_bytes_atomic, write_text_atomic
+
+logger = logging.getLogger("lora_trainer")
+
+METRICS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "seconds")
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        self._log_handler: Optional[logging.Handler] = None
+
+    @classmethod
+    def create(cls, config: TrainConfig) -> "RunFolder":
+        name = config.output_name or Path(config.train_data_dir).name or "lora"
+        run = cls(new_run_dir(Path(config.output_dir), name))
+        write_text_atomic(run.config_path, config_to_yaml(config))
+        return run
+
+    @classmethod
+    def open_existing(cls, path: Path) -> "RunFolder":
+        run = cls(Path(path))
+        if not run.config_path.is_file():
+            raise TrainingError(f"{path}: not a run folder (no config.yaml); give the folder a run was written to")
+        return run
+
+    def load_config(self, overrides: Optional[dict] = None) -> TrainConfig:
+        return load_config_file(self.config_path, overrides)
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def lora_path(self) -> Path:
+        return self.path / f"{self.name}.safetensors"
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.path / f"{self.name}.json"
+
+    @property
+    def preview_path(self) -> Path:
+        return self.path / f"{self.name}.preview.png"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def chart_path(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    # -- the log -------------------------------------------------------------------------------
+    def start_log(self) -> None:
+        handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("lora_trainer").addHandler(handler)
+        self._log_handler = handler
+
+    def stop_log(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger("lora_trainer").removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    # -- metrics -------------------------------------------------------------------------------
+    def read_metrics(self) -> List[dict]:
+        if not self.metrics_path.is_file():
+            return []
+        with open(self.metrics_path, newline="", encoding="utf-8") as fh:
+            return [row for row in csv.DictReader(fh)]
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop rows after ``last_step`` (written by a run that died after its last checkpoint)."""
+        rows = [r for r in self.read_metrics() if int(r["step"]) <= last_step]
+        self._write_metrics(rows)
+
+    def append_metrics(self, rows: Sequence[dict]) -> None:
+        new_file = not self.metrics_path.is_file()
+        with open(self.metrics_path, "a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def _write_metrics(self, rows: Sequence[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.metrics_path, buffer.getvalue())
+
+    # -- results -------------------------------------------------------------------------------
+    def write_chart(self) -> None:
+        rows = self.read_metrics()
+        image = loss_chart([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], title=f"{self.name} loss")
+        write_atomic(self.chart_path, lambda tmp: image.save(tmp, format="PNG"))
+
+    def write_sidecar(self, content: dict) -> None:
+        write_text_atomic(self.sidecar_path, json.dumps(content, indent=4, ensure_ascii=False) + "\n")
+
+    def write_preview(self, png_bytes: bytes) -> None:
+        write_bytes_atomic(self.preview_path, png_bytes)

@@ -1,0 +1,355 @@
+"""The training loop. It reads top to bottom: set up, (resume), loop, checkpoint, sample, finish.
+
+It talks to the model only through the backbone protocol, so the same loop trains a checkpoint
+loaded from disk, a tiny test model or the WebUI's live model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import checkpoints
+from .backbones.base import Backbone
+from .config import TrainConfig
+from .diffusion import (add_noise, diffusion_loss, min_snr_weights, noise_generator, sample_noise,
+                        sample_timesteps, training_target)
+from .errors import TrainingError
+from .events import CheckpointSaved, EventBus, Finished, Progress, SampleSaved, Started, StopRequest
+from .files import write_atomic
+from .lora_file import read_lora_file, save_lora_file
+from .metadata import RunFacts, lora_metadata, new_session_id, sidecar_json
+from .network import LoraNetwork
+from .optim import build_lr_scheduler, build_optimizer
+from .run_folder import RunFolder
+from .training_data import (EpochOrder, LatentCache, PreparedData, caption_for, caption_rng, captions_vary,
+                            load_pixels)
+
+logger = logging.getLogger("lora_trainer")
+
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    lora_path: Optional[Path]
+    steps: int
+    stopped: bool
+    loss_before: Optional[float] = None  # on a fixed evaluation batch, LoRA at weight 0
+    loss_after: Optional[float] = None  # the same batch, LoRA at weight 1
+
+
+def build_network(config: TrainConfig, backbone: Backbone) -> LoraNetwork:
+    targets = backbone.lora_targets(conv=config.network == "locon")
+    network = LoraNetwork(targets, config.lora_rank, config.lora_alpha, config.conv_rank, config.conv_alpha,
+                          seed=config.seed)
+    if config.init_lora:
+        tensors, _ = read_lora_file(Path(config.init_lora))
+        network.load_kohya_state_dict(tensors, source=config.init_lora)
+        logger.info("starting from the weights of %s", config.init_lora)
+    return network.to(backbone.device, torch.float32)
+
+
+def train(config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunFolder,
+          events: Optional[EventBus] = None, stop: Optional[StopRequest] = None,
+          resume: bool = False) -> TrainResult:
+    """Train a LoRA on ``backbone`` and write it into ``run``; the base model is given back untouched."""
+    with backbone.borrow(gradient_checkpointing=config.gradient_checkpointing):
+        network = build_network(config, backbone)
+        with network.attached_to_model():
+            loop = _Loop(config, backbone, data, run, network, events or EventBus(), stop or StopRequest())
+            return loop.run(resume)
+
+
+class _TextConditioning:
+    """Text embeddings per (caption, bucket): cached once when captions never change, else per step."""
+
+    def __init__(self, backbone: Backbone, cache: bool):
+        self.backbone, self.cache = backbone, cache
+        self.store: Dict[Tuple[str, Tuple[int, int]], object] = {}
+
+    def fill(self, pairs: Sequence[Tuple[str, Tuple[int, int]]], chunk: int = 16) -> None:
+        todo = sorted(set(pairs) - set(self.store))
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            with torch.no_grad():
+                encoded = self.backbone.encode_prompts([c for c, _ in part], [s for _, s in part])
+            for j, key in enumerate(part):
+                self.store[key] = _select(encoded, j)
+
+    def batch(self, captions: Sequence[str], sizes: Sequence[Tuple[int, int]]):
+        if not self.cache:
+            with torch.no_grad():
+                return self.backbone.encode_prompts(list(captions), list(sizes))
+        return _stack([self.store[(c, s)] for c, s in zip(captions, sizes)])
+
+
+def _select(cond, index: int):
+    if isinstance(cond, dict):
+        return {k: v[index].detach() for k, v in cond.items()}
+    return cond[index].detach()
+
+
+def _stack(items: List):
+    if isinstance(items[0], dict):
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    return torch.stack(items)
+
+
+def _to(cond, dtype: torch.dtype):
+    if isinstance(cond, dict):
+        return {k: v.to(dtype) for k, v in cond.items()}
+    return cond.to(dtype)
+
+
+class _Loop:
+    def __init__(self, config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunFolder,
+                 network: LoraNetwork, events: EventBus, stop: StopRequest):
+        self.config, self.backbone, self.data, self.run_folder = config, backbone, data, run
+        self.network, self.events, self.stop = network, events, stop
+        self.plan = data.plan
+        self.order = EpochOrder(data, config.batch_size, config.seed)
+        self.optimizer = build_optimizer(network.parameters(), config.optimizer, config.learning_rate,
+                                         config.weight_decay)
+        self.scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
+                                            self.plan.total_steps, config.lr_scheduler_num_cycles)
+        self.facts = RunFacts(
+            name=run.name, family=backbone.family, prediction_type=backbone.prediction_type,
+            model_name=backbone.model_name, model_hash=backbone.model_hash,
+            num_images=data.scan.num_images(), num_samples=data.scan.num_samples(),
+            batches_per_epoch=self.plan.batches_per_epoch, total_steps=self.plan.total_steps,
+            tag_frequency=data.scan.tag_frequency(), dataset_dirs=data.scan.dataset_dirs(),
+            bucket_counts=data.bucket_counts(), started_at=time.time(), session_id=new_session_id())
+        self.latents: Optional[LatentCache] = None
+        self.text = _TextConditioning(backbone, cache=not captions_vary(config))
+        self.losses: deque = deque(maxlen=50)
+        self.step_times: deque = deque(maxlen=20)
+
+    # -- phases ----------------------------------------------------------------------------------
+    def run(self, resume: bool) -> TrainResult:
+        start_step = self._resume() if resume else 0
+        self._prepare_caches()
+        loss_before = self._fixed_batch_loss(multiplier=0.0)
+        self.events.emit(Started(self.run_folder.path, self.plan.total_steps, start_step,
+                                 self.data.scan.num_images()))
+        step = self._train_steps(start_step)
+        stopped = step < self.plan.total_steps
+        if stopped and not self.stop.save:
+            self.run_folder.write_chart()
+            self.events.emit(Finished(self.run_folder.path, None, step, stopped=True))
+            return TrainResult(self.run_folder.path, None, step, True, loss_before, None)
+        loss_after = self._fixed_batch_loss(multiplier=1.0)
+        lora_path = self._finish(step)
+        logger.info("fixed-batch loss without the LoRA %.5f, with it %.5f", loss_before, loss_after)
+        self.events.emit(Finished(self.run_folder.path, lora_path, step, stopped=stopped))
+        return TrainResult(self.run_folder.path, lora_path, step, stopped, loss_before, loss_after)
+
+    def _resume(self) -> int:
+        folder = checkpoints.latest_checkpoint(self.run_folder.path)
+        if folder is None:
+            raise TrainingError(f"{self.run_folder.path}: no checkpoint to resume from "
+                                "(set save_steps to write checkpoints during training)")
+        state = checkpoints.load_checkpoint_state(folder)
+        with torch.no_grad():
+            params = dict(self.network.named_parameters())
+            for name, value in state["network"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.losses.extend(state.get("recent_losses", []))
+        step = int(state["step"])
+        self.run_folder.truncate_metrics(step)
+        logger.info("resuming %s from step %d (%s)", self.run_folder.name, step, folder.name)
+        return step
+
+    def _prepare_caches(self) -> None:
+        started = time.perf_counter()
+        if self.config.cache_latents:
+            self.latents = LatentCache(self.backbone, self.data, self.config.flip_aug)
+        if self.text.cache:
+            rng = caption_rng(self.config.seed, 0)
+            pairs = [(caption_for(self.config, r.caption, rng), bucket)
+                     for r, bucket in zip(self.data.scan.records, self.data.buckets)]
+            self.text.fill(pairs)
+        logger.info("caches ready in %.1f s", time.perf_counter() - started)
+
+    def _train_steps(self, start_step: int) -> int:
+        step, started, accum = start_step, time.perf_counter(), self.plan.accumulation
+        while step < self.plan.total_steps:
+            if self.stop.is_set():
+                logger.info("stop requested at step %d", step)
+                break
+            t0 = time.perf_counter()
+            loss = sum(self._micro_step(step * accum + k) for k in range(accum)) / accum
+            self._optimizer_step(step)
+            step += 1
+            self.step_times.append(time.perf_counter() - t0)
+            self._report(step, loss, time.perf_counter() - started, step - start_step)
+            if self.config.save_steps and step % self.config.save_steps == 0 and step < self.plan.total_steps:
+                self._save_checkpoint(step)
+            if (self.config.sample_every_n_steps and step % self.config.sample_every_n_steps == 0
+                    and step < self.plan.total_steps):
+                self._render_samples(step)
+        return step
+
+    def _micro_step(self, micro_step: int) -> float:
+        config, backbone = self.config, self.backbone
+        indices = self.order.micro_batch(micro_step)
+        rng = caption_rng(config.seed, micro_step)
+        captions = [caption_for(config, self.data.scan.records[i].caption, rng) for i in indices]
+        flips = [config.flip_aug and rng.random() < 0.5 for _ in indices]
+        sizes = [self.data.buckets[i] for i in indices]
+        if self.latents is not None:
+            latents = self.latents.batch(indices, flips)
+        else:
+            with torch.no_grad():
+                pixels = load_pixels(self.data, indices, flips).to(backbone.device, backbone.dtype)
+                latents = backbone.encode_images(pixels).float()
+        generator = noise_generator(config.seed, micro_step)
+        noise = sample_noise(latents, generator, config.noise_offset)
+        timesteps = sample_timesteps(len(indices), generator)
+        loss = self._loss(latents, noise, timesteps, self.text.batch(captions, sizes))
+        if not torch.isfinite(loss):
+            raise TrainingError(self._diverged_message(micro_step // self.plan.accumulation + 1, float(loss)))
+        (loss / self.plan.accumulation).backward()
+        return float(loss)
+
+    def _loss(self, latents, noise, timesteps, cond, weights_enabled: bool = True) -> torch.Tensor:
+        backbone, config = self.backbone, self.config
+        ac = backbone.alphas_cumprod
+        noisy = add_noise(latents, noise, timesteps, ac)
+        target = training_target(latents, noise, timesteps, ac, backbone.prediction_type)
+        autocast = AUTOCAST.get(config.mixed_precision)
+        with torch.autocast(device_type=backbone.device.type, dtype=autocast or torch.float32,
+                            enabled=autocast is not None):
+            prediction = backbone.predict(noisy.to(backbone.dtype), timesteps.to(backbone.device),
+                                          _to(cond, backbone.dtype))
+        weights = None
+        if config.min_snr_gamma and weights_enabled:
+            weights = min_snr_weights(timesteps, ac, config.min_snr_gamma, backbone.prediction_type)
+        return diffusion_loss(prediction, target, weights)
+
+    def _optimizer_step(self, step: int) -> None:
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if self.config.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            if not torch.isfinite(norm):
+                raise TrainingError(self._diverged_message(step + 1, float(norm), what="gradient norm"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _diverged_message(self, step: int, value: float, what: str = "loss") -> str:
+        last = checkpoints.latest_checkpoint(self.run_folder.path)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return (f"the {what} became {value} at step {step}; training stopped and {kept}. Lower learning_rate, "
+                "or use mixed_precision: bf16 or no")
+
+    def _report(self, step: int, loss: float, elapsed: float, steps_this_session: int) -> None:
+        self.losses.append(loss)
+        seconds_per_step = sum(self.step_times) / len(self.step_times)
+        lr = self.scheduler.get_last_lr()[0]
+        event = Progress(step=step, total_steps=self.plan.total_steps, epoch=self.plan.epoch_of_step(step),
+                         loss=loss, avg_loss=sum(self.losses) / len(self.losses), lr=lr,
+                         it_per_s=1.0 / seconds_per_step if seconds_per_step else 0.0,
+                         eta_s=seconds_per_step * (self.plan.total_steps - step), elapsed_s=elapsed)
+        self.run_folder.append_metrics([{
+            "step": step, "epoch": event.epoch, "loss": f"{loss:.6f}", "avg_loss": f"{event.avg_loss:.6f}",
+            "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}"}])
+        self.events.emit(event)
+
+    # -- saving ----------------------------------------------------------------------------------
+    def _precision(self) -> str:
+        if self.config.save_precision != "auto":
+            return self.config.save_precision
+        return "fp32" if self.config.mixed_precision == "no" else self.config.mixed_precision
+
+    def _metadata(self, step: int) -> Dict[str, str]:
+        rank, alpha = self.network.rank_summary()
+        return lora_metadata(self.config, self.facts, step, self.plan.epoch_of_step(step), rank, alpha,
+                             self.config.conv_rank, self.config.conv_alpha)
+
+    def _save_checkpoint(self, step: int) -> Path:
+        state = {
+            "step": step,
+            "network": {n: p.detach().cpu().clone() for n, p in self.network.named_parameters()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "recent_losses": list(self.losses),
+        }
+        tensors, metadata = self.network.kohya_state_dict(), self._metadata(step)
+        name = f"{self.run_folder.name}-step{step:06d}.safetensors"
+        folder = checkpoints.save_checkpoint(
+            self.run_folder.path, step, state,
+            lambda tmp: save_lora_file(tmp / name, tensors, metadata, self._precision()))
+        checkpoints.prune_checkpoints(self.run_folder.path, self.config.keep_checkpoints)
+        logger.info("checkpoint saved: %s", folder)
+        self.events.emit(CheckpointSaved(step, folder))
+        return folder
+
+    def _render_samples(self, step: int) -> List[Path]:
+        config = self.config
+        prompts = list(config.sample_prompts) or [caption_for(config, self.data.scan.records[0].caption,
+                                                              caption_rng(config.seed, 0))]
+        images = self.backbone.generate(prompts, config.sample_negative_prompt, config.sample_seed,
+                                        config.sample_steps, config.sample_guidance_scale,
+                                        (config.resolution, config.resolution))
+        paths = []
+        for i, image in enumerate(images):
+            path = self.run_folder.samples_dir / f"step{step:06d}-{i}.png"
+            write_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            paths.append(path)
+        self.events.emit(SampleSaved(step, paths))
+        return paths
+
+    def _finish(self, step: int) -> Path:
+        run = self.run_folder
+        if not (run.path / "checkpoints" / f"checkpoint-{step:06d}").is_dir():
+            self._save_checkpoint(step)  # lets "extend" continue this run later
+        save_lora_file(run.lora_path, self.network.kohya_state_dict(), self._metadata(step), self._precision())
+        run.write_sidecar(sidecar_json(self.config, self.facts))
+        samples = self._render_samples(step)
+        buffer = io.BytesIO()
+        from PIL import Image
+
+        with Image.open(samples[0]) as first:
+            first.save(buffer, format="PNG")
+        run.write_preview(buffer.getvalue())
+        run.write_chart()
+        logger.info("saved %s", run.lora_path)
+        return run.lora_path
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _fixed_batch_loss(self, multiplier: float, max_items: int = 8,
+                          timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
+        """Mean loss over a fixed set of (image, timestep, noise), to compare with and without the LoRA."""
+        config, records = self.config, self.data.scan.records
+        rng = caption_rng(config.seed, -1)
+        plain = config.replace(caption_dropout_rate=0.0, shuffle_caption=False)
+        total, count = 0.0, 0
+        generator = noise_generator(config.seed, 2**31 - 1)
+        with torch.no_grad(), self.network.multiplier(multiplier):
+            for i in range(min(max_items, len(records))):
+                bucket = self.data.buckets[i]
+                if self.latents is not None:
+                    latent = self.latents.batch([i], [False])
+                else:
+                    latent = self.backbone.encode_images(
+                        load_pixels(self.data, [i], [False]).to(self.backbone.device, self.backbone.dtype)).float()
+                caption = caption_for(plain, records[i].caption, rng)
+                cond = self.backbone.encode_prompts([caption], [bucket])
+                for t in timesteps:
+                    noise = sample_noise(latent, generator)
+                    t_batch = torch.tensor([t], dtype=torch.long)
+                    total += float(self._loss(latent, noise, t_batch, cond, weights_enabled=False))
+                    count += 1
+        return total / max(count, 1) if count else math.nan
