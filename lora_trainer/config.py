@@ -54,6 +54,9 @@ def option(default: Any, section: str, help: str, *, choices: tuple = (), min: f
 @dataclass(frozen=True)
 class TrainConfig:
     # -- model ---------------------------------------------------------------------------------
+    task_type: str = option("text-to-image", "model",
+                            "text-to-image: a Stable Diffusion LoRA; text-generation: an LLM LoRA (transformers + peft).",
+                            choices=("text-to-image", "text-generation"))
     base_model: str = option("", "model", "Base checkpoint: a .safetensors or .ckpt file, or a diffusers folder.")
     model_config: str = option(
         "", "model",
@@ -87,6 +90,7 @@ class TrainConfig:
     trigger_word: str = option("", "data", "Word put first in every caption (and into name.json's activation text).")
     caption_prefix: str = option("", "data", "Text put before every caption (after the trigger word).")
     cache_latents: bool = option(True, "data", "Encode each image once before training (much faster).")
+    max_seq_length: int = option(512, "data", "text-generation: tokens per training sequence.", min=8, max=1_000_000)
     # -- network -------------------------------------------------------------------------------
     network: str = option("lora", "network", "lora: attention and feed-forward layers; locon: also conv layers.",
                           choices=("lora", "locon"))
@@ -98,6 +102,8 @@ class TrainConfig:
                                       min=1, max=1024)
     conv_alpha: Optional[float] = option(None, "network", "Alpha of the conv layers (locon). Empty: same as conv_rank.",
                                          min=0.0, max=4096.0)
+    target_modules: list = option([], "network", "text-generation: module names to adapt (empty: chosen per "
+                                  "architecture, e.g. q_proj,k_proj,v_proj,o_proj for LLaMA).")
     init_lora: str = option("", "network", "Start from the weights of an existing LoRA file instead of zeros.")
     # -- optim ---------------------------------------------------------------------------------
     optimizer: str = option("adamw", "optim", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt).",
