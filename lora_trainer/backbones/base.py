@@ -48,7 +48,7 @@ class Backbone(Protocol):
         """Freeze the model for training and give it back exactly as it was on exit (also on error)."""
 
     def generate(self, prompts: Sequence[str], negative_prompt: str, seed: int, steps: int,
-                 guidance_scale: float, size: Size) -> List["PIL.Image.Image"]:  # noqa: F821
+                 guidance_scale: float, size: Size) -> List[PIL.Image.Image]:  # noqa: F821
         """Render images with whatever LoRA is attached right now."""
 
 
@@ -71,7 +71,7 @@ class FrozenModels:
         self.modules = [m for m in modules if m is not None]
         self.saved: List[_ModuleState] = []
 
-    def __enter__(self) -> "FrozenModels":
+    def __enter__(self) -> FrozenModels:
         self.saved = []
         for module in self.modules:
             params = list(module.parameters())
