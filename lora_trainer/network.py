@@ -51,13 +51,21 @@ class LoraNetwork(nn.Module):
 
     # -- attaching -----------------------------------------------------------------------------
     def attach(self) -> None:
+        # Remember which layers had an instance-level forward, so detach leaves no trace: a leftover
+        # bound ``forward`` would shadow class-level patches such as A1111's lora_patches.
+        self._had_forward = [("forward" in m.org_module[0].__dict__) for m in self.modules_by_name.values()]
         for module in self.modules_by_name.values():
             module.apply_to()
         self.attached = True
 
     def detach(self) -> None:
-        for module in reversed(list(self.modules_by_name.values())):
+        modules = list(self.modules_by_name.values())
+        for module in reversed(modules):
             module.restore()
+        for module, had_forward in zip(modules, self._had_forward):
+            layer = module.org_module[0]
+            if not had_forward:
+                layer.__dict__.pop("forward", None)
         self.attached = False
 
     @contextlib.contextmanager

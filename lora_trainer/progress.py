@@ -23,7 +23,7 @@ class ConsoleProgress:
         """Log lines go above the bar instead of breaking it."""
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm(loggers=[logger]):
+        with logging_redirect_tqdm(loggers=[logging.root]):
             yield
         self._close()
 

@@ -221,7 +221,7 @@ class _Loop:
         if not torch.isfinite(loss):
             raise TrainingError(self._diverged_message(micro_step // self.plan.accumulation + 1, float(loss)))
         (loss / self.plan.accumulation).backward()
-        return float(loss)
+        return float(loss.detach())
 
     def _loss(self, latents, noise, timesteps, cond, weights_enabled: bool = True) -> torch.Tensor:
         backbone, config = self.backbone, self.config
