@@ -1,0 +1,166 @@
+"""What AUTOMATIC1111 1.10 does to the model object, rebuilt from webui_internals.md, on the REAL ldm classes.
+
+- ``load_ldm_model``: A1111's ``sd_models.load_model`` in short: the ``<ckpt>.yaml`` beside the checkpoint,
+  ``instantiate_from_config`` with CLIP built from its config (A1111's ``DisableInitialization``), weights
+  loaded with ``strict=False``, eval mode, and the attributes A1111 adds (``sd_checkpoint_info``,
+  ``sd_model_hash``, ``is_sd1``, ``lowvram``). Not reproduced: the sd_hijack of the text encoder
+  (``FrozenCLIPEmbedderWithCustomWords``); our backbone only calls ``get_learned_conditioning``.
+- ``Networks``: the part of the built-in Lora extension's ``networks`` module the trainer touches: in-place
+  merges with CPU backups in ``network_weights_backup`` and the two restore functions (§3.4).
+- ``medvram_hooks``: ``lowvram.setup_for_low_vram``'s pattern: forward pre-hooks that move one part of
+  the model "to the GPU" and the previous one back. With no second device here, a move replaces every
+  parameter's storage by a copy (what ``.to(device)`` does to ``param.data``), so anything holding on to
+  the old storage or registered inside the moved modules would be caught.
+- ``QueueLock`` / ``State``: ``call_queue.queue_lock`` (a FIFO, non-reentrant lock) and ``shared.state``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import types
+from pathlib import Path
+
+import torch
+
+
+def load_ldm_model(checkpoint: Path, device: str = "cpu"):
+    import transformers
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    config = OmegaConf.load(str(Path(checkpoint).with_suffix(".yaml")))
+    config.model.params.cond_stage_config.params.device = device
+    original = transformers.CLIPTextModel.from_pretrained
+
+    def from_config_only(path, *args, **kwargs):  # A1111: DisableInitialization(disable_clip=True)
+        return transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(path))
+
+    transformers.CLIPTextModel.from_pretrained = from_config_only
+    try:
+        model = instantiate_from_config(config.model)
+    finally:
+        transformers.CLIPTextModel.from_pretrained = original
+    state = load_file(str(checkpoint))
+    if not hasattr(model.cond_stage_model.transformer, "text_model"):
+        # transformers >= 5.6 dropped CLIPTextModel.text_model (A1111's pinned 4.30 has it): same weights, new keys.
+        state = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+                 for k, v in state.items()}
+    state.pop("cond_stage_model.transformer.embeddings.position_ids", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    schedule = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2"}  # computed from the yaml, as in A1111
+    real_missing = [k for k in missing if k not in schedule and not k.startswith(("model_ema", "logvar"))]
+    assert not real_missing and not unexpected, (real_missing[:5], unexpected[:5])
+    model.eval()
+    model.sd_checkpoint_info = types.SimpleNamespace(name=Path(checkpoint).name, model_name=Path(checkpoint).stem,
+                                                     shorthash="0123456789")
+    model.sd_model_hash = "0123456789"
+    model.is_sd1, model.is_sd2, model.is_sdxl, model.lowvram = True, False, False, False
+    return model
+
+
+class Networks:
+    """``networks`` as A1111's Lora extension leaves it after a generation with ``<lora:x:1>``."""
+
+    def __init__(self):
+        self.loaded_networks = []
+
+    def merge(self, module: torch.nn.Module, delta: torch.Tensor) -> None:
+        """network_apply_weights: back up the weight on the CPU the first time, then add the delta in place."""
+        if getattr(module, "network_weights_backup", None) is None:
+            module.network_weights_backup = module.weight.to("cpu", copy=True)
+            module.network_bias_backup = None
+        with torch.no_grad():
+            module.weight.add_(delta.to(module.weight))
+        module.network_current_names = (("x", 1.0, 1.0, None),)
+        self.loaded_networks.append("x")
+
+    @staticmethod
+    def network_restore_weights_from_backup(module):
+        backup = getattr(module, "network_weights_backup", None)
+        if backup is not None:
+            module.weight.copy_(backup)
+
+    @staticmethod
+    def network_reset_cached_weight(module):
+        module.network_current_names = ()
+        module.network_weights_backup = None
+        module.network_bias_backup = None
+
+
+@contextlib.contextmanager
+def medvram_hooks(sd_model):
+    """Move each big part 'to the GPU' before it runs and the previous one back, as --medvram does."""
+    state = {"in_gpu": None, "moves": 0}
+    parts = [sd_model.first_stage_model, sd_model.model, sd_model.cond_stage_model.transformer]
+
+    def move(module):
+        module._apply(lambda t: t.clone())  # new storage for every parameter, as a device move gives
+        state["moves"] += 1
+
+    def send_me_to_gpu(module, _inputs):
+        if state["in_gpu"] is module:
+            return
+        if state["in_gpu"] is not None:
+            move(state["in_gpu"])
+        move(module)
+        state["in_gpu"] = module
+
+    handles = [part.register_forward_pre_hook(send_me_to_gpu) for part in parts]
+    try:
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class QueueLock:
+    """call_queue.queue_lock: FIFO and not re-entrant (a second acquire from the same thread would deadlock)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.owner = None
+        self.acquired = 0
+
+    def __enter__(self):
+        if self.owner == threading.get_ident():
+            raise RuntimeError("queue_lock acquired twice by one thread: A1111 would deadlock here")
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        self.acquired += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.owner = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+class State:
+    """shared.state, the fields the trainer sets."""
+
+    def __init__(self):
+        self.job, self.job_no, self.job_count, self.textinfo = "", 0, 0, None
+        self.interrupted = False
+        self.begun = self.ended = 0
+        self.current_image = None
+
+    def begin(self, job="(unknown)"):
+        self.job, self.job_no, self.interrupted = job, 0, False
+        self.begun += 1
+
+    def end(self):
+        self.job = ""
+        self.ended += 1
+
+    def interrupt(self):
+        self.interrupted = True
+
+    def assign_current_image(self, image):
+        self.current_image = image
