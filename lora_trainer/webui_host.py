@@ -1,0 +1,80 @@
+"""The Host for AUTOMATIC1111 and Forge, built from WebUI objects that ``scripts/`` passes in.
+
+Nothing here imports the WebUI: ``scripts/lora_trainer_tab.py`` hands over ``shared``, the
+``queue_lock``, ``devices`` and the Lora extension's ``networks`` module, so this class can be
+tested with stand-ins (tests/standins/a1111.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import ContextManager, Optional
+
+from .backbones.base import Backbone
+from .config import TrainConfig
+from .errors import ModelError
+from .events import Progress
+
+logger = logging.getLogger("lora_trainer")
+
+
+class WebUIHost:
+    def __init__(self, shared, queue_lock, lora_dir: Path, devices=None, networks=None, render=None):
+        self.shared, self.queue_lock, self.devices = shared, queue_lock, devices
+        self.networks, self.render = networks, render
+        self._lora_dir = Path(lora_dir)
+        self._begun = False
+        self._total = 0
+
+    def model_lock(self) -> ContextManager:
+        return self.queue_lock
+
+    def load_backbone(self, config: TrainConfig) -> Backbone:
+        sd_model = self.shared.sd_model  # A1111 loads it lazily, under its own lock
+        if sd_model is None:
+            raise ModelError("no checkpoint is loaded in the WebUI; pick one in the checkpoint list first")
+        if hasattr(sd_model, "forge_objects"):
+            raise ModelError("Forge's model is not supported by this version yet; use the standalone trainer")
+        from .backbones.a1111 import A1111Backbone
+
+        cmd_opts = getattr(self.shared, "cmd_opts", None)
+        device = getattr(self.devices, "device", None)
+        return A1111Backbone(sd_model, device=device, networks=self.networks, render=self.render,
+                             lowvram=bool(getattr(cmd_opts, "lowvram", False)))
+
+    def lora_dir(self) -> Optional[Path]:
+        return self._lora_dir
+
+    # -- the WebUI's own progress bar, ETA and Interrupt button (shared.state) ------------------------
+    def progress_started(self, job_name: str, total_steps: int) -> None:
+        state = self.shared.state
+        state.begin(job="train-lora")
+        state.job_count, state.job_no, self._total = total_steps, 0, total_steps
+        state.textinfo = job_name
+        self._begun = True
+
+    def progress(self, event: Progress) -> None:
+        state = self.shared.state
+        state.job_no = event.step
+        state.textinfo = (f"Training LoRA: step {event.step}/{event.total_steps}, loss {event.avg_loss:.4f}, "
+                          f"{event.it_per_s:.2f} it/s")
+
+    def progress_finished(self) -> None:
+        if self._begun:
+            self.shared.state.end()
+            self._begun = False
+
+    def interrupted(self) -> bool:
+        return bool(getattr(self.shared.state, "interrupted", False))
+
+    def published(self, paths: list) -> None:
+        """Make ``<lora:name>`` and the Lora cards see the new file without a restart."""
+        networks = self.networks
+        if networks is None:
+            return
+        cached_loader = getattr(networks, "load_lora_state_dict", None)
+        if hasattr(cached_loader, "cache_clear"):  # Forge caches tensors by file name
+            cached_loader.cache_clear()
+        if hasattr(networks, "list_available_networks"):
+            networks.list_available_networks()
