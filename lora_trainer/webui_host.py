@@ -20,9 +20,14 @@ logger = logging.getLogger("lora_trainer")
 
 
 class WebUIHost:
-    def __init__(self, shared, queue_lock, lora_dir: Path, devices=None, networks=None, render=None):
+    def __init__(self, shared, queue_lock, lora_dir: Path, devices=None, networks=None, render=None,
+                 make_conditioning=None, forge_reload=None, load_model_gpu=None):
+        """``make_conditioning(prompts, sizes)``: A1111/Forge ``prompt_parser.SdConditioning`` for SDXL size conds;
+        ``forge_reload``: Forge's ``sd_models.forge_model_reload`` (its model loads lazily);
+        ``load_model_gpu``: Forge's ``memory_management.load_model_gpu``."""
         self.shared, self.queue_lock, self.devices = shared, queue_lock, devices
-        self.networks, self.render = networks, render
+        self.networks, self.render, self.make_conditioning = networks, render, make_conditioning
+        self.forge_reload, self.load_model_gpu = forge_reload, load_model_gpu
         self._lora_dir = Path(lora_dir)
         self._begun = False
         self._total = 0
@@ -31,17 +36,23 @@ class WebUIHost:
         return self.queue_lock
 
     def load_backbone(self, config: TrainConfig) -> Backbone:
+        if self.forge_reload is not None:
+            self.forge_reload()  # Forge holds a placeholder until the first generation loads the model
         sd_model = self.shared.sd_model  # A1111 loads it lazily, under its own lock
-        if sd_model is None:
+        if sd_model is None or getattr(sd_model, "forge_objects", True) is None:
             raise ModelError("no checkpoint is loaded in the WebUI; pick one in the checkpoint list first")
+        device = getattr(self.devices, "device", None)
         if hasattr(sd_model, "forge_objects"):
-            raise ModelError("Forge's model is not supported by this version yet; use the standalone trainer")
+            from .backbones.forge import ForgeBackbone
+
+            return ForgeBackbone(sd_model, device=device, load_model_gpu=self.load_model_gpu, render=self.render,
+                                 make_conditioning=self.make_conditioning)
         from .backbones.a1111 import A1111Backbone
 
         cmd_opts = getattr(self.shared, "cmd_opts", None)
-        device = getattr(self.devices, "device", None)
         return A1111Backbone(sd_model, device=device, networks=self.networks, render=self.render,
-                             lowvram=bool(getattr(cmd_opts, "lowvram", False)))
+                             lowvram=bool(getattr(cmd_opts, "lowvram", False)),
+                             make_conditioning=self.make_conditioning)
 
     def lora_dir(self) -> Optional[Path]:
         return self._lora_dir

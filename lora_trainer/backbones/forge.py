@@ -1,0 +1,145 @@
+"""Forge's loaded model (``shared.sd_model``, a ``ForgeDiffusionEngine``), trained in place.
+
+Forge differs from A1111 in ways that matter for training (webui_internals.md §2.3, §3.5):
+- the UNet is ``forge_objects.unet.model.diffusion_model`` (original layout) and ``KModel.apply_model``
+  takes sigmas, so we call the UNet module itself with integer timesteps;
+- its parameters, conds and latents are *inference tensors* (built under ``torch.inference_mode``),
+  which autograd refuses to save: each is replaced, one at a time, by an ordinary tensor with the same
+  values (memory-neutral; Forge runs ordinary tensors just as well);
+- its Linear layers are Forge's own class (LoRA attaches to them through ``network._lycoris_view``);
+- LoRAs are patched in by replacing Parameter objects and cached by file name; ``refresh_loras()``
+  on the original patchers undoes that;
+- low-bit storage (fp8, nf4, gguf) cannot be trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Dict, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .base import FrozenModels, Size
+from .checkpointing import checkpointed, native_checkpointing_off
+from .original_unet import SamplingFallback, hf_clip_targets, unet_blocks, unet_lora_targets
+
+logger = logging.getLogger("lora_trainer")
+
+TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _clone(value):
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def undo_forge_loras(sd_model) -> None:
+    """Give every patcher its original Parameters back and forget the applied LoRA set (§3.5)."""
+    original = getattr(sd_model, "forge_objects_original", None)
+    if original is None:
+        return
+    original.unet.refresh_loras()
+    clip_patcher = getattr(original.clip, "patcher", None)
+    if clip_patcher is not None:
+        clip_patcher.refresh_loras()
+    sd_model.forge_objects = original.shallow_copy()
+    sd_model.current_lora_hash = str([])
+
+
+def make_params_trainable_inputs(root: nn.Module) -> int:
+    """Replace inference-mode parameters and buffers by ordinary tensors with the same values."""
+    replaced = 0
+    for module in root.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                replaced += 1
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                module._buffers[name] = buffer.clone()
+                replaced += 1
+    return replaced
+
+
+class ForgeBackbone(SamplingFallback):
+    def __init__(self, sd_model, device: Optional[torch.device] = None,
+                 load_model_gpu: Optional[Callable[[object], None]] = None, render=None,
+                 make_conditioning: Optional[Callable] = None):
+        for flag, name in (("is_sd3", "SD3"), ("is_flux", "Flux")):
+            if getattr(sd_model, flag, False):
+                raise ModelError(f"the loaded checkpoint is {name}; training supports SD1 and SDXL checkpoints")
+        self.sd_model = sd_model
+        self.family = "sdxl" if getattr(sd_model, "is_sdxl", False) else (
+            "sd2" if getattr(sd_model, "is_sd2", False) else "sd1")
+        if self.family == "sd2":
+            raise ModelError("the loaded checkpoint is SD2; training on Forge's model supports SD1 and SDXL so far")
+        kmodel = sd_model.forge_objects.unet.model
+        storage = getattr(kmodel, "storage_dtype", None)
+        if storage is not None and storage not in TRAINABLE_STORAGE:
+            raise ModelError(f"the UNet is stored as {storage} (Diffusion in Low Bits); set it to "
+                             "'Automatic' (fp16/bf16) and reload the checkpoint to train")
+        predictor = kmodel.predictor
+        self.prediction_type = "v_prediction" if predictor.prediction_type == "v_prediction" else "epsilon"
+        self.alphas_cumprod = predictor.alphas_cumprod.detach().float().cpu().clone()
+        self.dtype = getattr(kmodel, "computation_dtype", None) or next(kmodel.parameters()).dtype
+        self.device = torch.device(device) if device is not None else next(kmodel.parameters()).device
+        self.vae_dtype = self.dtype
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        self.model_name = getattr(info, "model_name", None) or getattr(info, "name", None) or "forge-model"
+        self.model_hash = getattr(sd_model, "sd_model_hash", None) or getattr(info, "shorthash", None)
+        self.load_model_gpu, self.render, self.make_conditioning = load_model_gpu, render, make_conditioning
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.sd_model.forge_objects.unet.model.diffusion_model
+
+    def _text_encoders(self) -> Dict[str, nn.Module]:
+        return dict(self.sd_model.forge_objects.clip.cond_stage_model.named_children())
+
+    # -- the protocol ------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.sd_model.encode_first_stage(pixels.to(self.device))  # already scaled, an inference tensor
+        return latents.clone()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.sd_model.decode_first_stage(latents.to(self.device)).clone()
+
+    def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None):
+        texts = list(prompts)
+        if self.family == "sdxl" and self.make_conditioning is not None:
+            texts = self.make_conditioning(texts, list(sizes) if sizes else [(1024, 1024)] * len(texts))
+        return _clone(self.sd_model.get_learned_conditioning(texts))
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        if isinstance(cond, dict):
+            return self.unet(noisy_latents, timesteps.to(self.device), context=cond["crossattn"], y=cond["vector"])
+        return self.unet(noisy_latents, timesteps.to(self.device), context=cond)
+
+    def lora_targets(self, conv: bool = False, text_encoder: bool = False) -> Dict[str, nn.Module]:
+        targets = unet_lora_targets(self.unet, self.family, conv)
+        if text_encoder:
+            encoders = self._text_encoders()
+            prefixes = {"clip_l": "lora_te1_" if self.family == "sdxl" else "lora_te_", "clip_g": "lora_te2_"}
+            for key, encoder in encoders.items():
+                if key not in prefixes:
+                    raise ModelError(f"text-encoder LoRA is not supported for Forge's {key} yet")
+                targets.update(hf_clip_targets(encoder.transformer, prefixes[key]))
+        return targets
+
+    @contextlib.contextmanager
+    def borrow(self, gradient_checkpointing: bool = False) -> Iterator[None]:
+        undo_forge_loras(self.sd_model)
+        unet_patcher = self.sd_model.forge_objects.unet
+        if self.load_model_gpu is not None:
+            self.load_model_gpu(unet_patcher)
+        text = list(self._text_encoders().values())
+        replaced = sum(make_params_trainable_inputs(m) for m in [self.unet, *text])
+        if replaced:
+            logger.info("made %d inference-mode tensors trainable inputs (same values)", replaced)
+        blocks = unet_blocks(self.unet) if gradient_checkpointing else []
+        with FrozenModels(self.unet, *text), native_checkpointing_off(self.unet), checkpointed(blocks):
+            yield

@@ -1,0 +1,145 @@
+"""A small Forge (``lllyasviel/stable-diffusion-webui-forge``) model object, rebuilt from webui_internals.md §2.3/§3.5.
+
+Forge's backend is not on PyPI, so this reproduces the interface the trainer touches, with the weights of
+the tiny test checkpoint:
+- ``sd_model.forge_objects.unet`` is a patcher whose ``.model`` (KModel) has ``diffusion_model`` (the real ldm
+  UNetModel from stable-diffusion-sdkit, original layout), ``predictor`` (``alphas_cumprod``,
+  ``prediction_type``) and ``storage_dtype`` / ``computation_dtype``;
+- every ``nn.Linear`` is swapped for ``ForgeLinear``, a plain Module with ``weight``/``bias`` and a manual
+  cast, as ``using_forge_operations()`` builds them;
+- every parameter is an inference tensor (Forge loads under ``torch.inference_mode``), and so are the
+  results of ``get_learned_conditioning`` and ``encode_first_stage``;
+- ``patch_lora`` replaces Parameter objects by merged ones and keeps the originals, as ``LoraLoader.refresh``
+  does; ``refresh_loras()`` with no patches puts the originals back.
+Not reproduced: the memory manager's partial loading, text-processing engines, samplers.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ForgeLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.parameters_manual_cast = True
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _swap_linears(root: nn.Module) -> None:
+    for name, child in list(root.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(root, name, ForgeLinear(child))
+        else:
+            _swap_linears(child)
+
+
+def _to_inference(root: nn.Module) -> None:
+    with torch.inference_mode():
+        for module in root.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+
+
+class Patcher:
+    def __init__(self, model):
+        self.model = model
+        self.backup = {}
+
+    def patch_lora(self, module: nn.Module, delta: torch.Tensor) -> None:
+        """LoraLoader.refresh: a new Parameter object holding weight + delta; the original kept aside."""
+        self.backup.setdefault(id(module), (module, module.weight))
+        with torch.inference_mode():
+            module.weight = nn.Parameter(module.weight + delta, requires_grad=False)
+
+    def refresh_loras(self):
+        for module, original in self.backup.values():
+            module.weight = original
+        self.backup.clear()
+
+
+class ForgeObjects:
+    def __init__(self, unet, clip, vae):
+        self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, None
+
+    def shallow_copy(self):
+        return ForgeObjects(self.unet, self.clip, self.vae)
+
+
+class ForgeModel:
+    """The attributes of ``ForgeDiffusionEngine`` (sd15.StableDiffusion) that the trainer uses."""
+
+    def __init__(self, unet_patcher, clip, vae, tokenizer):
+        self.forge_objects = ForgeObjects(unet_patcher, clip, vae)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.current_lora_hash = "[['x.safetensors', 1.0, 1.0, False]]"
+        self.is_sd1, self.is_sd2, self.is_sdxl = True, False, False
+        self.first_stage_model = self.cond_stage_model = None  # as in Forge: no .model, no ldm parts
+        self.sd_checkpoint_info = types.SimpleNamespace(name="tiny.safetensors", model_name="tiny", shorthash="abcd")
+        self.tokenizer, self.vae = tokenizer, vae
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts):
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.forge_objects.clip.cond_stage_model.clip_l.transformer(ids).last_hidden_state
+
+    @torch.inference_mode()
+    def encode_first_stage(self, x):
+        return self.vae.encode(x).latent_dist.mean * 0.18215
+
+    @torch.inference_mode()
+    def decode_first_stage(self, z):
+        return self.vae.decode(z / 0.18215).sample
+
+
+def load_forge_model(tiny_files: dict):
+    """The tiny test checkpoint as Forge would hold it."""
+    from diffusers import AutoencoderKL
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    checkpoint = Path(tiny_files["safetensors"])
+    config = OmegaConf.load(str(checkpoint.with_suffix(".yaml")))
+    unet = UNetModel(**OmegaConf.to_container(config.model.params.unet_config.params))
+    prefix = "model.diffusion_model."
+    unet.load_state_dict({k[len(prefix):]: v for k, v in load_file(str(checkpoint)).items() if k.startswith(prefix)})
+    unet.eval()
+    _swap_linears(unet)
+    _to_inference(unet)
+    folder = Path(tiny_files["folder"])
+    text = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
+    _to_inference(text)
+    clip_l = nn.Module()
+    clip_l.transformer = text
+    joint = nn.ModuleDict({"clip_l": clip_l})
+    integrated = types.SimpleNamespace(cond_stage_model=joint, patcher=Patcher(joint))
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
+    kmodel = nn.Module()
+    kmodel.diffusion_model = unet
+    kmodel.predictor = types.SimpleNamespace(
+        alphas_cumprod=_schedule(config), prediction_type="epsilon")
+    kmodel.storage_dtype = kmodel.computation_dtype = torch.float32
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    return ForgeModel(Patcher(kmodel), integrated, vae, tokenizer)
+
+
+def _schedule(config) -> torch.Tensor:
+    params = config.model.params
+    betas = torch.linspace(params.linear_start ** 0.5, params.linear_end ** 0.5, params.timesteps,
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
+

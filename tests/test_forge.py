@@ -1,0 +1,94 @@
+"""Training on Forge's loaded model, against the stand-in in tests/standins/forge.py (Forge is not on PyPI)."""
+
+import pytest
+import torch
+
+from lora_trainer.backbones.forge import ForgeBackbone
+from lora_trainer.backbones.single_file import load_backbone_from_path
+from lora_trainer.checkpoints import list_checkpoints, load_checkpoint_state
+from lora_trainer.config import TrainConfig
+from lora_trainer.demo import make_demo_dataset
+from lora_trainer.errors import ModelError
+from lora_trainer.network import LoraNetwork
+from lora_trainer.runner import run_training
+
+pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (installed with --no-deps by `make test`)")
+pytestmark = pytest.mark.slow
+
+from standins.forge import ForgeLinear, load_forge_model  # noqa: E402
+
+
+@pytest.fixture
+def forge_model(tiny_sd1_files):
+    return load_forge_model(tiny_sd1_files)
+
+
+def config(tmp_path, **changes):
+    dataset = make_demo_dataset(tmp_path / "data", count=6)
+    values = {"base_model": "(Forge's loaded model)", "train_data_dir": str(dataset), "output_dir": str(tmp_path),
+              "output_name": "f", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
+              "bucket_reso_steps": 32, "lora_rank": 4, "learning_rate": 2e-3, "batch_size": 2,
+              "max_train_steps": 6, "sample_steps": 2, "seed": 9}
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+def values_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_forge_layers_get_kohya_names(forge_model, tiny_sd1_files):
+    backbone = ForgeBackbone(forge_model)
+    reference = load_backbone_from_path(str(tiny_sd1_files["folder"]))
+    for conv in (False, True):
+        assert set(backbone.lora_targets(conv=conv)) == set(reference.lora_targets(conv=conv))
+    targets = backbone.lora_targets(text_encoder=True)
+    assert any(isinstance(layer, ForgeLinear) for layer in targets.values())
+    assert set(targets) == set(reference.lora_targets(text_encoder=True))
+
+
+def test_training_on_forge_model_undoes_its_loras_and_reproduces_in_diffusers(forge_model, tiny_sd1_files, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    unet = forge_model.forge_objects.unet.model.diffusion_model
+    pristine = values_of(unet)
+    layer = unet.input_blocks[4][1].transformer_blocks[0].attn2.to_v
+    forge_model.forge_objects_original.unet.patch_lora(layer, torch.full_like(layer.weight, 0.25))
+    assert not torch.equal(layer.weight, pristine["input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"])
+
+    backbone = ForgeBackbone(forge_model)
+    result = run_training(config(tmp_path, gradient_checkpointing=True), lambda c: backbone)
+    assert result.loss_after < result.loss_before
+    assert forge_model.current_lora_hash == "[]"
+    after = values_of(unet)
+    assert all(torch.equal(pristine[k], after[k]) for k in pristine), "Forge's weights changed"
+    assert not any(p.requires_grad for p in unet.parameters())
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+    network = LoraNetwork(backbone.lora_targets(), 4)
+    state = load_checkpoint_state(list_checkpoints(result.run_dir)[-1][1])
+    with torch.no_grad():
+        params = dict(network.named_parameters())
+        for name, value in state["network"].items():
+            params[name].copy_(value)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_files["folder"]), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.load_lora_weights(str(result.lora_path), adapter_name="f")
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([30, 600])
+    with torch.no_grad():
+        cond = backbone.encode_prompts(["a red circle", "a green square"])
+        with network.attached_to_model():
+            in_forge = backbone.predict(x, t, cond)
+        in_diffusers = pipe.unet(x, t, encoder_hidden_states=cond).sample
+    assert (in_forge - in_diffusers).abs().max() <= 1e-5
+
+
+def test_low_bit_storage_is_refused(forge_model):
+    forge_model.forge_objects.unet.model.storage_dtype = torch.float8_e4m3fn
+    with pytest.raises(ModelError, match="Low Bits"):
+        ForgeBackbone(forge_model)
+    forge_model.forge_objects.unet.model.storage_dtype = torch.float32
+    forge_model.is_flux = True
+    with pytest.raises(ModelError, match="Flux"):
+        ForgeBackbone(forge_model)
