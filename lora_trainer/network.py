@@ -46,7 +46,9 @@ class LoraNetwork(nn.Module):
                 a = (conv_alpha if conv else alpha)
                 a = float(dim if a is None else a)
                 # bypass_mode: y = W x + up(down(x)) * scale, never materialising W + dW.
-                self.modules_by_name[name] = LoConModule(name, layer, 1.0, dim, a, bypass_mode=True)
+                module = LoConModule(name, _lycoris_view(layer), 1.0, dim, a, bypass_mode=True)
+                _point_at(module, layer)
+                self.modules_by_name[name] = module
         self.attached = False
 
     # -- attaching -----------------------------------------------------------------------------
@@ -69,7 +71,7 @@ class LoraNetwork(nn.Module):
         self.attached = False
 
     @contextlib.contextmanager
-    def attached_to_model(self) -> Iterator["LoraNetwork"]:
+    def attached_to_model(self) -> Iterator[LoraNetwork]:
         self.attach()
         try:
             yield self
@@ -115,8 +117,7 @@ class LoraNetwork(nn.Module):
                     if value is None:
                         raise ModelError(f"{source}: '{name}.{key}' is missing")
                     if value.shape != param.shape:
-                        raise ModelError(f"{source}: '{name}.{key}' has shape {tuple(value.shape)}, this run needs "
-                                         f"{tuple(param.shape)}; set lora_rank/conv_rank/network to match the file")
+                        raise _shape_error(source, module, f"{name}.{key}", value.shape, param.shape)
                     param.copy_(value.to(param))
                 alpha = tensors.get(f"{name}.alpha")
                 if alpha is not None:
@@ -126,6 +127,33 @@ class LoraNetwork(nn.Module):
     def rank_summary(self) -> Tuple[int, float]:
         first = next(iter(self.modules_by_name.values()))
         return first.lora_dim, float(first.alpha)
+
+
+def _shape_error(source: str, module: nn.Module, key: str, got: torch.Size, need: torch.Size) -> ModelError:
+    """Say which rank to set when only the rank differs; otherwise the file fits another model."""
+    rank_dim = 0 if key.endswith("lora_down.weight") else 1
+    others = [i for i in range(max(len(got), len(need))) if i != rank_dim]
+    if len(got) == len(need) and all(got[i] == need[i] for i in others):
+        option = "conv_rank" if is_conv_kxk(module.org_module[0]) else "lora_rank"
+        return ModelError(f"{source}: the LoRA has rank {got[rank_dim]} ('{key}'), this run uses {option} "
+                          f"{need[rank_dim]}; set {option}: {got[rank_dim]} to start from it")
+    return ModelError(f"{source}: '{key}' has shape {tuple(got)}, this model needs {tuple(need)}; the LoRA was "
+                      "trained for another model, choose one made for this base model")
+
+
+def _lycoris_view(layer: nn.Module) -> nn.Module:
+    """lycoris recognises only torch's own Linear/Conv classes. Forge builds its own Linear (a plain Module with
+    ``weight``, ``in_features``, ``out_features``); lycoris is shown a same-shaped nn.Linear on the meta device
+    instead, and the LoRA is then attached to the real layer (bypass mode never reads the base weight)."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return layer
+    return nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+
+
+def _point_at(module: nn.Module, layer: nn.Module) -> None:
+    if module.org_module[0] is not layer:
+        module.org_module = [layer]
+        module.org_forward = layer.forward
 
 
 def _module_names(tensors: Dict[str, torch.Tensor]) -> set:
