@@ -24,8 +24,8 @@ from .original_unet import (SamplingFallback, first_float_param, hf_clip_targets
 
 logger = logging.getLogger("lora_trainer")
 
-# (prompts, sizes) -> what get_learned_conditioning takes; A1111 SDXL wants prompt_parser.SdConditioning
-ConditioningFactory = Callable[[Sequence[str], Sequence[Size]], object]
+# (prompts, (width, height)) -> what get_learned_conditioning takes: A1111's prompt_parser.SdConditioning
+ConditioningFactory = Callable[[Sequence[str], Size], object]
 
 
 def detect_family(sd_model) -> str:
@@ -90,7 +90,7 @@ class A1111Backbone(SamplingFallback):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             encoded = self.sd_model.encode_first_stage(pixels.to(self.device, self.vae_dtype))
-            if hasattr(encoded, "mode"):  # ldm returns the posterior: take its mean, so latents are deterministic
+            if not isinstance(encoded, torch.Tensor):  # ldm returns the posterior: its mean keeps latents deterministic
                 return encoded.mode() * self.sd_model.scale_factor
             return self.sd_model.get_first_stage_encoding(encoded)  # sgm: already scaled
 
@@ -99,10 +99,21 @@ class A1111Backbone(SamplingFallback):
             return self.sd_model.decode_first_stage(latents.to(self.device, self.vae_dtype))
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None):
-        if self.family == "sdxl" and self.make_conditioning is not None:
-            sizes = list(sizes) if sizes else [(1024, 1024)] * len(prompts)
-            return self.sd_model.get_learned_conditioning(self.make_conditioning(list(prompts), sizes))
-        return self.sd_model.get_learned_conditioning(list(prompts))
+        if self.family != "sdxl" or self.make_conditioning is None:
+            return self.sd_model.get_learned_conditioning(list(prompts))
+        # SDXL's size conditioning is per call (SdConditioning.width/height): encode each size group apart.
+        sizes = list(sizes) if sizes else [(1024, 1024)] * len(prompts)
+        groups: Dict[Size, list] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(tuple(size), []).append(i)
+        parts, order = [], []
+        for size, indices in groups.items():
+            batch = self.make_conditioning([prompts[i] for i in indices], size)
+            parts.append(self.sd_model.get_learned_conditioning(batch))
+            order += indices
+        cond = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        inverse = torch.argsort(torch.tensor(order))
+        return {k: v[inverse.to(v.device)] for k, v in cond.items()}
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         return self.sd_model.apply_model(noisy_latents, timesteps.to(self.device), cond)

@@ -109,10 +109,14 @@ class ForgeBackbone(SamplingFallback):
         return self.sd_model.decode_first_stage(latents.to(self.device)).clone()
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None):
-        texts = list(prompts)
-        if self.family == "sdxl" and self.make_conditioning is not None:
-            texts = self.make_conditioning(texts, list(sizes) if sizes else [(1024, 1024)] * len(texts))
-        return _clone(self.sd_model.get_learned_conditioning(texts))
+        if self.family != "sdxl" or self.make_conditioning is None:
+            return _clone(self.sd_model.get_learned_conditioning(list(prompts)))
+        sizes = list(sizes) if sizes else [(1024, 1024)] * len(prompts)
+        if len(set(map(tuple, sizes))) > 1:  # one size per call, as Forge reads it from the prompt object
+            parts = [self.encode_prompts([p], [s]) for p, s in zip(prompts, sizes)]
+            return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        batch = self.make_conditioning(list(prompts), tuple(sizes[0]))
+        return _clone(self.sd_model.get_learned_conditioning(batch))
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         if isinstance(cond, dict):
