@@ -1,0 +1,233 @@
+"""HTTP API: start, watch, stop, extend and fetch trainings from scripts, under ``/lora-trainer/v1``.
+
+Mounted on the WebUI's FastAPI app (``script_callbacks.on_app_started``, also under ``--nowebui``) and on
+the standalone app. Bodies are plain JSON in the same schema as the YAML files; answers are plain JSON.
+Only plain ``dict`` bodies and ``JSONResponse`` are used, so the routes work with A1111's FastAPI 0.94 /
+pydantic 1 and Forge's FastAPI 0.104 / pydantic 2 alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+from .config import TrainConfig, is_safe_name
+from .errors import ConfigError, UserError
+from .host import Host
+from .job import JobBusy, JobNotExtendable, get_job, start_job
+from .run_folder import RunFolder
+
+logger = logging.getLogger("lora_trainer")
+
+PREFIX = "/lora-trainer/v1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class PathRules:
+    """Folders the API may read datasets from and write runs and uploads to."""
+
+    def __init__(self, roots: Iterable[Path], output_dir: Path, upload_dir: Path):
+        self.roots = [Path(r).resolve() for r in roots]
+        self.output_dir, self.upload_dir = Path(output_dir), Path(upload_dir)
+
+    def check(self, value: str, field: str) -> Path:
+        path = Path(value).expanduser().resolve()
+        if not any(path == root or root in path.parents for root in self.roots):
+            raise ApiError(403, f"'{field}': {value} is outside the folders this server allows "
+                                f"({', '.join(str(r) for r in self.roots)}); change the LoRA Trainer settings "
+                                "to allow it")
+        return path
+
+
+def parse_credentials(api_auth: Optional[str]) -> Dict[str, str]:
+    """``user:pass,user2:pass2`` (A1111's --api-auth format) -> {user: password}."""
+    if not api_auth:
+        return {}
+    pairs = [item.split(":", 1) for item in api_auth.split(",") if ":" in item]
+    return {user.strip(): password.strip() for user, password in pairs}
+
+
+def _snippet(snapshot: dict, weight: float) -> Optional[str]:
+    if not snapshot.get("lora_path"):
+        return None
+    return f"<lora:{Path(snapshot['lora_path']).stem}:{weight:g}>"
+
+
+def _write_uploaded_images(images: List[dict], target: Path) -> Path:
+    """Images sent in the request body ({"name", "data": base64, "caption"}) -> a new dataset folder."""
+    import csv
+    import io
+
+    from .files import atomic_dir
+    from .images import to_rgb
+
+    if not isinstance(images, list) or not images:
+        raise ApiError(422, "'images' must be a non-empty list of {name, data (base64), caption}")
+    with atomic_dir(target) as tmp:
+        rows = []
+        for i, item in enumerate(images):
+            name = str(item.get("name", "")) if isinstance(item, dict) else ""
+            if not is_safe_name(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                raise ApiError(422, f"'images[{i}].name' {name!r} must be a plain image file name (.png, .jpg, ...)")
+            try:
+                raw = base64.b64decode(item.get("data", ""), validate=True)
+                from PIL import Image
+
+                with Image.open(io.BytesIO(raw)) as img:
+                    to_rgb(img).save(tmp / name)
+            except (binascii.Error, ValueError, OSError):
+                raise ApiError(422, f"'images[{i}].data' is not a base64-encoded image") from None
+            rows.append((name, str(item.get("caption", ""))))
+        with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["filename", "prompt"])
+            writer.writerows(rows)
+    return target
+
+
+def build_router(host: Host, rules: PathRules, defaults: Optional[dict] = None,
+                 credentials: Optional[Dict[str, str]] = None,
+                 caption: Optional[Callable[..., object]] = None):
+    """The API's routes as a FastAPI ``APIRouter`` (include it with ``app.include_router``)."""
+    from fastapi import APIRouter, Body, Depends, HTTPException
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+    dependencies = []
+    if credentials:
+        basic = HTTPBasic()
+
+        def authenticate(given: HTTPBasicCredentials = Depends(basic)) -> None:
+            password = credentials.get(given.username)
+            if password is None or not secrets.compare_digest(password, given.password):
+                raise HTTPException(status_code=401, detail="wrong user name or password",
+                                    headers={"WWW-Authenticate": "Basic"})
+
+        dependencies.append(Depends(authenticate))
+    router = APIRouter(prefix=PREFIX, tags=["LoRA Trainer"], dependencies=dependencies)
+
+    def error(exc: Exception) -> JSONResponse:
+        if isinstance(exc, ApiError):
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        if isinstance(exc, JobBusy):
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        if isinstance(exc, (ConfigError, JobNotExtendable)):
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    def job_or_404(job_id: str):
+        job = get_job(job_id)
+        if job is None:
+            raise ApiError(404, f"no training job with id {job_id!r}")
+        return job
+
+    def describe(job) -> dict:
+        snap = job.snapshot()
+        snap["snippet"] = _snippet(snap, job.config.preferred_weight)
+        return snap
+
+    @router.post("/jobs", summary="Start training", status_code=201)
+    def create_job(body: dict = Body(..., description="Config keys as in the YAML files; optionally 'images': "
+                                                       "[{name, data (base64), caption}] instead of a folder")):
+        try:
+            values = {**(defaults or {}), **body}
+            images = values.pop("images", None)
+            name = str(values.get("output_name") or "")
+            if name and not is_safe_name(name):
+                raise ApiError(422, f"'output_name' {name!r} must be a plain file name, without '/' or '..'")
+            if images is not None:
+                folder_name = name or "upload"
+                target = rules.upload_dir / f"{folder_name}-{secrets.token_hex(4)}"
+                values["train_data_dir"] = str(_write_uploaded_images(images, target))
+            elif "train_data_dir" not in values:
+                raise ApiError(422, "'train_data_dir' is required (a folder on the server), or send 'images'")
+            values["train_data_dir"] = str(rules.check(str(values["train_data_dir"]), "train_data_dir"))
+            if not Path(values["train_data_dir"]).is_dir():
+                raise ApiError(422, f"'train_data_dir': {values['train_data_dir']} is not a folder")
+            for key in ("metadata_path", "init_lora"):
+                if values.get(key):
+                    values[key] = str(rules.check(str(values[key]), key))
+            values["output_dir"] = str(rules.output_dir)
+            values.pop("resume", None)
+            config = TrainConfig.from_dict(values, source="request")
+            job = start_job(config, host)
+            return JSONResponse(describe(job), status_code=201)
+        except (ApiError, UserError) as exc:
+            return error(exc)
+
+    @router.get("/jobs/{job_id}", summary="State, progress, metrics and result of a job")
+    def read_job(job_id: str):
+        try:
+            return JSONResponse(describe(job_or_404(job_id)))
+        except ApiError as exc:
+            return error(exc)
+
+    @router.post("/jobs/{job_id}/stop", summary="Stop a job (with save: true, keep what was trained)")
+    def stop_job(job_id: str, body: dict = Body(default={})):
+        try:
+            job = job_or_404(job_id)
+            job.stop(save=bool(body.get("save", True)))
+            return JSONResponse(describe(job))
+        except ApiError as exc:
+            return error(exc)
+
+    @router.post("/jobs/{job_id}/extend", summary="Continue a finished or stopped job for N more steps")
+    def extend_job(job_id: str, body: dict = Body(...)):
+        try:
+            steps = body.get("steps")
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ApiError(422, "'steps' must be a whole number >= 1")
+            return JSONResponse(describe(job_or_404(job_id).extend(steps)), status_code=201)
+        except (ApiError, UserError) as exc:
+            return error(exc)
+
+    @router.get("/jobs/{job_id}/file", summary="Download the trained .safetensors")
+    def download(job_id: str):
+        try:
+            job = job_or_404(job_id)
+            if job.lora_path is None or not Path(job.lora_path).is_file():
+                raise ApiError(404, "this job has no finished LoRA file yet")
+            return FileResponse(str(job.lora_path), filename=Path(job.lora_path).name,
+                                media_type="application/octet-stream")
+        except ApiError as exc:
+            return error(exc)
+
+    @router.get("/runs", summary="Past runs with their configs and files")
+    def list_runs():
+        runs = []
+        if rules.output_dir.is_dir():
+            for folder in sorted(p for p in rules.output_dir.iterdir() if (p / "config.yaml").is_file()):
+                run = RunFolder(folder)
+                runs.append({"name": run.name, "path": str(folder),
+                             "config": (folder / "config.yaml").read_text(encoding="utf-8"),
+                             "lora": str(run.lora_path) if run.lora_path.is_file() else None,
+                             "files": sorted(p.name for p in folder.iterdir() if p.is_file())})
+        return JSONResponse({"runs": runs})
+
+    @router.post("/caption", summary="Auto-caption a dataset folder on the server")
+    def caption_folder(body: dict = Body(...)):
+        try:
+            folder = rules.check(str(body.get("dir", "")), "dir")
+            options = {k: body[k] for k in ("model_name", "pretrained", "mode", "fmt", "trigger", "threshold")
+                       if k in body}
+            run_caption = caption
+            if run_caption is None:
+                from .caption import caption_dataset as run_caption
+            result = run_caption(folder, **options)
+            return JSONResponse({"captions": getattr(result, "captions", {}),
+                                 "unreadable": [[str(p), r] for p, r in getattr(result, "unreadable", [])],
+                                 "summary": result.summary() if hasattr(result, "summary") else ""})
+        except (ApiError, UserError) as exc:
+            return error(exc)
+
+    return router
