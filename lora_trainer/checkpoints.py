@@ -29,7 +29,10 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, write_lora) -> Path:
     """Write the state and (through ``write_lora(folder)``) the LoRA file into a new checkpoint folder."""
     target = checkpoint_dir(run_dir, step)
     with atomic_dir(target) as tmp:
-        torch.save(state, tmp / STATE_FILE)
+        # Through a Python file: on a full disk that raises OSError (ENOSPC), which atomic_dir turns into a
+        # StorageError; torch.save(path) would raise a cryptic RuntimeError from its C++ writer instead.
+        with open(tmp / STATE_FILE, "wb") as fh:
+            torch.save(state, fh)
         write_lora(tmp)
     return target
 

@@ -117,7 +117,7 @@ def _check_root(train_data_dir: str) -> Path:
         raise DatasetError("train_data_dir is not set: give the folder of training images")
     root = Path(train_data_dir).expanduser()
     if not root.exists():
-        raise DatasetError(f"dataset folder {root} does not exist")
+        raise DatasetError(f"dataset folder {root} does not exist; check train_data_dir")
     if not root.is_dir():
         raise DatasetError(f"{root} is a file; train_data_dir must be a folder of images")
     return root.resolve()
@@ -167,7 +167,7 @@ def _metadata_file(root: Path, metadata_path: str) -> Path | None:
     if metadata_path:
         path = Path(metadata_path).expanduser()  # relative to the working folder, like any CLI path
         if not path.is_file():
-            raise DatasetError(f"metadata file {path} does not exist")
+            raise DatasetError(f"metadata file {path} does not exist; check metadata_path")
         if path.suffix.lower() not in (".csv", ".jsonl"):
             raise DatasetError(f"{path}: metadata must be a .csv (filename,prompt) or .jsonl (file_name,text) file")
         return path

@@ -22,8 +22,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``."""
     target = Path(target)
     _make_dir(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:  # a full disk can refuse even an empty file
+        raise StorageError(_explain(exc, target)) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -63,7 +66,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it into place when complete."""
     target = Path(target)
     _make_dir(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise StorageError(_explain(exc, target)) from None
     try:
         yield tmp
         if target.exists():
@@ -92,6 +98,11 @@ def new_run_dir(output_dir: Path, name: str) -> Path:
     raise StorageError(f"{output_dir}: too many runs named {name!r}; choose another output_name")
 
 
+def storage_error(exc: OSError, path: Path) -> StorageError:
+    """The one-line StorageError for an OSError met while writing ``path``."""
+    return StorageError(_explain(exc, path))
+
+
 def _make_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -111,4 +122,6 @@ def _explain(exc: OSError, path: Path) -> str:
         return f"{path}: the disk is full; free some space (nothing was overwritten)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{path}: not allowed to write here; choose another output_dir"
-    return f"{path}: cannot write ({exc.strerror or exc})"
+    if exc.errno == errno.ENOTDIR:
+        return f"{path}: a part of this path is a file, not a folder; choose another output_dir"
+    return f"{path}: cannot write ({exc.strerror or exc}); check the folder or choose another output_dir"

@@ -42,7 +42,7 @@ def read_lora_file(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
 
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: LoRA file not found")
+        raise ModelError(f"{path}: LoRA file not found; check the path")
     if path.suffix.lower() != ".safetensors":
         raise ModelError(f"{path}: expected a .safetensors LoRA file")
     try:

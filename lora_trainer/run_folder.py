@@ -6,6 +6,7 @@ resume or an extend of that same run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,11 +17,19 @@ from typing import List, Optional, Sequence
 from .charts import loss_chart
 from .config import TrainConfig, config_to_yaml, load_config_file
 from .errors import TrainingError
-from .files import new_run_dir, write_atomic, write_bytes_atomic, write_text_atomic
+from .files import new_run_dir, storage_error, write_atomic, write_bytes_atomic, write_text_atomic
 
 logger = logging.getLogger("lora_trainer")
 
 METRICS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "seconds")
+_START_FILES = {"config.yaml", "train.log"}  # all a run folder holds before its first step
+
+
+class _LogFile(logging.FileHandler):
+    """train.log; a line that cannot be written (full disk) is dropped, not printed as a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class RunFolder:
@@ -30,15 +39,22 @@ class RunFolder:
         self._log_handler: Optional[logging.Handler] = None
 
     @classmethod
-    def create(cls, config: TrainConfig) -> "RunFolder":
+    def create(cls, config: TrainConfig) -> RunFolder:
         name = config.output_name or Path(config.train_data_dir).name or "lora"
         run = cls(new_run_dir(Path(config.output_dir), name))
-        write_text_atomic(run.config_path, config_to_yaml(config))
+        try:
+            write_text_atomic(run.config_path, config_to_yaml(config))
+        except BaseException:
+            run.discard_if_unused()
+            raise
         return run
 
     @classmethod
-    def open_existing(cls, path: Path) -> "RunFolder":
+    def open_existing(cls, path: Path) -> RunFolder:
         run = cls(Path(path))
+        if not run.path.is_dir():
+            raise TrainingError(f"{path}: no such run folder; give the folder a run was written to "
+                                "(output_dir/output_name)")
         if not run.config_path.is_file():
             raise TrainingError(f"{path}: not a run folder (no config.yaml); give the folder a run was written to")
         return run
@@ -76,9 +92,15 @@ class RunFolder:
         return self.path / "samples"
 
     # -- the log -------------------------------------------------------------------------------
-    def start_log(self) -> None:
-        handler = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+    def start_log(self, earlier: Sequence[logging.LogRecord] = ()) -> None:
+        """Copy the ``lora_trainer`` log into train.log from now on, after the ``earlier`` records."""
+        try:
+            handler = _LogFile(self.path / "train.log", encoding="utf-8")
+        except OSError as exc:
+            raise storage_error(exc, self.path / "train.log") from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for record in earlier:
+            handler.handle(record)
         logging.getLogger("lora_trainer").addHandler(handler)
         self._log_handler = handler
 
@@ -87,6 +109,27 @@ class RunFolder:
             logging.getLogger("lora_trainer").removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+
+    def log_error(self, message: str) -> None:
+        """Write ``message`` to train.log only: the front end shows it to the user itself, once."""
+        if self._log_handler is not None:
+            self._log_handler.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (message,),
+                                                       None))
+
+    def discard_if_unused(self) -> bool:
+        """Delete this folder if it holds only what a run writes before its first step; True if deleted.
+
+        A run that fails to start (wrong model, missing init_lora, ...) then leaves nothing behind and the
+        next attempt gets the same name. A folder with anything else in it is never touched.
+        """
+        with contextlib.suppress(OSError):
+            entries = list(self.path.iterdir())
+            if all(e.name in _START_FILES and e.is_file() and not e.is_symlink() for e in entries):
+                for entry in entries:
+                    entry.unlink()
+                self.path.rmdir()
+                return True
+        return False
 
     # -- metrics -------------------------------------------------------------------------------
     def read_metrics(self) -> List[dict]:
@@ -102,11 +145,14 @@ class RunFolder:
 
     def append_metrics(self, rows: Sequence[dict]) -> None:
         new_file = not self.metrics_path.is_file()
-        with open(self.metrics_path, "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS)
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+        try:
+            with open(self.metrics_path, "a", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS)
+                if new_file:
+                    writer.writeheader()
+                writer.writerows(rows)
+        except OSError as exc:
+            raise storage_error(exc, self.metrics_path) from None
 
     def _write_metrics(self, rows: Sequence[dict]) -> None:
         buffer = io.StringIO()
