@@ -164,6 +164,7 @@ class TrainingJob:
                 finally:
                     self.host.progress_finished()
         except UserError as exc:
+            logger.error("%s", exc)  # the runner keeps it out of the console; the tab's log tail shows it
             self.error, self.state = str(exc), JobState.FAILED
         except Exception as exc:  # a bug: keep the traceback in the log, show one line in the UI
             logger.exception("training failed")

@@ -59,6 +59,11 @@ class RunFolder:
             raise TrainingError(f"{path}: not a run folder (no config.yaml); give the folder a run was written to")
         return run
 
+    def save_config(self, config: TrainConfig) -> None:
+        text = config_to_yaml(config)
+        if not self.config_path.is_file() or self.config_path.read_text(encoding="utf-8") != text:
+            write_text_atomic(self.config_path, text)
+
     def load_config(self, overrides: Optional[dict] = None) -> TrainConfig:
         return load_config_file(self.config_path, overrides)
 

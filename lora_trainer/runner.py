@@ -37,6 +37,8 @@ def run_training(config: TrainConfig, load_backbone: BackboneLoader, events: Opt
             data = prepare_data(config)  # a bad dataset fails here, before any model loads
         check_init_lora(config)
         run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(config)
+        if resume_dir:
+            run.save_config(config)  # an extend raises max_train_steps; a later resume must see the new total
         run.start_log(earlier=scan_log)  # train.log also lists the images the scan skipped
         logger.info("run folder: %s", run.path)
         backbone = load_backbone(config)
@@ -99,7 +101,7 @@ def load_standalone_backbone(config: TrainConfig) -> Backbone:
                                    device=device, dtype=base_weight_dtype(config.mixed_precision, device))
 
 
-def base_weight_dtype(mixed_precision: str, device) -> "torch.dtype":  # noqa: F821
+def base_weight_dtype(mixed_precision: str, device) -> torch.dtype:  # noqa: F821
     """The frozen base model's dtype: the mixed precision on a GPU (as kohya does; SDXL needs it to fit 12 GB),
     float32 otherwise. The LoRA weights stay float32 either way."""
     import torch
