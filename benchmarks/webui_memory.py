@@ -65,7 +65,7 @@ def build_checkpoint(size: str, folder: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from lora_trainer.backbones.diffusers_sd import DiffusersSDBackbone
-    from lora_trainer.backbones.tiny import TINY_VAE, sd1_scheduler_config, save_tiny_sd1_single_file
+    from lora_trainer.backbones.tiny import TINY_VAE, save_tiny_sd1_single_file, sd1_scheduler_config
     from lora_trainer.backbones.tokenizer_files import clip_tokenizer_dir
 
     spec = SIZES[size]
@@ -156,7 +156,8 @@ def main() -> None:
         r = results[mode]
         print(f"{label:24s} RSS growth {r['growth_bytes'] / gib:6.2f} GiB = {r['growth_bytes'] / model:6.1%} of the "
               f"model; Start -> first step {r['seconds_to_first_step']:6.1f} s")
-    print(f"start-up speed-up: {results['disk']['seconds_to_first_step'] / results['inplace']['seconds_to_first_step']:.1f}x")
+    speedup = results["disk"]["seconds_to_first_step"] / results["inplace"]["seconds_to_first_step"]
+    print(f"start-up speed-up: {speedup:.1f}x")
 
 
 if __name__ == "__main__":

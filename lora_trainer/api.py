@@ -12,6 +12,7 @@ import base64
 import binascii
 import logging
 import secrets
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -63,36 +64,47 @@ def _snippet(snapshot: dict, weight: float) -> Optional[str]:
     return f"<lora:{Path(snapshot['lora_path']).stem}:{weight:g}>"
 
 
-def _write_uploaded_images(images: List[dict], target: Path) -> Path:
-    """Images sent in the request body ({"name", "data": base64, "caption"}) -> a new dataset folder."""
+def _write_uploaded_images(images: List[dict], store_root: Path, name: str) -> Path:
+    """Images sent in the body ({"name", "data": base64, "caption"}) -> a new dataset, under the upload rules
+    the tab uses (dataset_store): real images only, size caps, safe names, all or nothing."""
     import csv
-    import io
+    import tempfile
 
-    from .files import atomic_dir
-    from .images import to_rgb
+    from .dataset_store import DatasetStore
 
     if not isinstance(images, list) or not images:
         raise ApiError(422, "'images' must be a non-empty list of {name, data (base64), caption}")
-    with atomic_dir(target) as tmp:
-        rows = []
+    store = DatasetStore(store_root)
+    with tempfile.TemporaryDirectory() as tmp:
+        files, rows = [], []
         for i, item in enumerate(images):
-            name = str(item.get("name", "")) if isinstance(item, dict) else ""
-            if not is_safe_name(name) or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                raise ApiError(422, f"'images[{i}].name' {name!r} must be a plain image file name (.png, .jpg, ...)")
+            item = item if isinstance(item, dict) else {}
+            sent = str(item.get("name", ""))
+            if not is_safe_name(sent) or Path(sent).suffix.lower() not in IMAGE_SUFFIXES:
+                raise ApiError(422, f"'images[{i}].name' {sent!r} must be a plain image file name (.png, .jpg, ...)")
             try:
-                raw = base64.b64decode(item.get("data", ""), validate=True)
-                from PIL import Image
-
-                with Image.open(io.BytesIO(raw)) as img:
-                    to_rgb(img).save(tmp / name)
-            except (binascii.Error, ValueError, OSError):
-                raise ApiError(422, f"'images[{i}].data' is not a base64-encoded image") from None
-            rows.append((name, str(item.get("caption", ""))))
-        with open(tmp / "metadata.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["filename", "prompt"])
-            writer.writerows(rows)
-    return target
+                data = base64.b64decode(item.get("data", ""), validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(422, f"'images[{i}].data' is not base64") from None
+            path = Path(tmp) / f"{i}-{sent}"
+            path.write_bytes(data)
+            files.append((sent, path))
+            rows.append((sent, str(item.get("caption", ""))))
+        metadata = Path(tmp) / "metadata.csv"
+        with open(metadata, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([("filename", "prompt"), *rows])
+        folder = store.create(name)
+        try:
+            report = store.add_files(name, files + [("metadata.csv", metadata)])
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if report.refused:
+            shutil.rmtree(folder, ignore_errors=True)
+            bad, why = report.refused[0]
+            index = next((i for i, (sent, _) in enumerate(files) if sent == bad), 0)
+            raise ApiError(422, f"'images[{index}].data' ({bad}): {why}")
+    return folder
 
 
 def build_router(host: Host, rules: PathRules, defaults: Optional[dict] = None,
@@ -146,9 +158,8 @@ def build_router(host: Host, rules: PathRules, defaults: Optional[dict] = None,
             if name and not is_safe_name(name):
                 raise ApiError(422, f"'output_name' {name!r} must be a plain file name, without '/' or '..'")
             if images is not None:
-                folder_name = name or "upload"
-                target = rules.upload_dir / f"{folder_name}-{secrets.token_hex(4)}"
-                values["train_data_dir"] = str(_write_uploaded_images(images, target))
+                folder_name = f"{name or 'upload'}-{secrets.token_hex(4)}"
+                values["train_data_dir"] = str(_write_uploaded_images(images, rules.upload_dir, folder_name))
             elif "train_data_dir" not in values:
                 raise ApiError(422, "'train_data_dir' is required (a folder on the server), or send 'images'")
             values["train_data_dir"] = str(rules.check(str(values["train_data_dir"]), "train_data_dir"))

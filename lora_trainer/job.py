@@ -49,10 +49,10 @@ class JobNotExtendable(UserError):
 
 _registry_lock = threading.Lock()
 _jobs: dict = {}
-_current: Optional["TrainingJob"] = None
+_current: Optional[TrainingJob] = None
 
 
-def start_job(config: TrainConfig, host: Host, resume_dir: Optional[Path] = None) -> "TrainingJob":
+def start_job(config: TrainConfig, host: Host, resume_dir: Optional[Path] = None) -> TrainingJob:
     """Start training in the background, or raise JobBusy while another run is active."""
     global _current
     with _registry_lock:
@@ -67,11 +67,11 @@ def start_job(config: TrainConfig, host: Host, resume_dir: Optional[Path] = None
     return job
 
 
-def current_job() -> Optional["TrainingJob"]:
+def current_job() -> Optional[TrainingJob]:
     return _current
 
 
-def get_job(job_id: str) -> Optional["TrainingJob"]:
+def get_job(job_id: str) -> Optional[TrainingJob]:
     return _jobs.get(job_id)
 
 
@@ -112,7 +112,7 @@ class TrainingJob:
             self.stop_request.request(save=save)
             self.state = JobState.STOPPING
 
-    def extend(self, steps: int) -> "TrainingJob":
+    def extend(self, steps: int) -> TrainingJob:
         """Continue this (finished or stopped) run in place for ``steps`` more steps, as a new job."""
         if self.state not in (JobState.FINISHED, JobState.STOPPED) or self.run_dir is None:
             raise JobNotExtendable(f"only a finished or stopped run can be extended (this one is {self.state.value})")

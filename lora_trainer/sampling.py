@@ -20,7 +20,7 @@ def _cat(a, b):
 
 @torch.no_grad()
 def ddim_sample(backbone, prompts: Sequence[str], negative_prompt: str, seed: int, steps: int,
-                guidance_scale: float, size: Tuple[int, int]) -> List["PIL.Image.Image"]:  # noqa: F821
+                guidance_scale: float, size: Tuple[int, int]) -> List[PIL.Image.Image]:  # noqa: F821
     from PIL import Image
 
     width, height = size

@@ -106,6 +106,7 @@ def test_images_in_the_request_body(standalone):
     ({"init_lora": "/etc/passwd"}, 403, "init_lora"),
     ({"images": [{"name": "../x.png", "data": ""}]}, 422, "images[0].name"),
     ({"images": [{"name": "x.png", "data": "not base64!"}]}, 422, "images[0].data"),
+    ({"images": [{"name": "x.png", "data": "dGV4dA=="}]}, 422, "images[0].data"),
 ])
 def test_bad_bodies_name_the_field(standalone, body, status, field):
     client, data, tmp_path = standalone

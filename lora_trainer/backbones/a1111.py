@@ -19,8 +19,14 @@ from torch import nn
 from ..errors import ModelError
 from .base import FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off
-from .original_unet import (SamplingFallback, first_float_param, hf_clip_targets, refuse_low_bit, unet_blocks,
-                            unet_lora_targets)
+from .original_unet import (
+    SamplingFallback,
+    first_float_param,
+    hf_clip_targets,
+    refuse_low_bit,
+    unet_blocks,
+    unet_lora_targets,
+)
 
 logger = logging.getLogger("lora_trainer")
 

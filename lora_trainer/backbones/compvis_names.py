@@ -26,8 +26,8 @@ def _resnet_inner(rest: str) -> str:
 
 
 def compvis_to_diffusers(path: str, num_res_blocks: int, block_kinds: dict) -> Optional[str]:
-    """Diffusers module path for an original UNet module path, e.g.
-    ``input_blocks.1.1.transformer_blocks.0.attn1.to_q`` -> ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``.
+    """Diffusers module path for an original UNet module path, e.g. ``input_blocks.1.1.proj_in`` ->
+    ``down_blocks.0.attentions.0.proj_in``.
 
     ``block_kinds`` maps ``"input_blocks.1.1"``-style prefixes to "resnet", "attention", "downsample" or "upsample"
     (class names differ between ldm, sgm and Forge, so the caller classifies them). Returns None for a path

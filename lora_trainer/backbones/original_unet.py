@@ -102,7 +102,7 @@ class SamplingFallback:
     render = None
 
     def generate(self, prompts: Sequence[str], negative_prompt: str, seed: int, steps: int,
-                 guidance_scale: float, size: Size) -> List["PIL.Image.Image"]:  # noqa: F821
+                 guidance_scale: float, size: Size) -> List[PIL.Image.Image]:  # noqa: F821
         if self.render is not None:
             return self.render(prompts, negative_prompt, seed, steps, guidance_scale, size)
         from ..sampling import ddim_sample

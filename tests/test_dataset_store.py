@@ -1,0 +1,122 @@
+"""Uploads into named datasets: what is kept, what is refused, and that nothing half-done remains."""
+
+import io
+import zipfile
+
+import pytest
+from PIL import Image
+
+from lora_trainer.dataset import scan_dataset
+from lora_trainer.dataset_store import DatasetStore, UploadLimits, safe_file_name, zip_run_folder
+from lora_trainer.errors import DatasetError
+
+
+def png_bytes(colour="red", size=(32, 32)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def put(tmp_path, name, data):
+    path = tmp_path / "incoming" / name.replace("/", "_")
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return (name, path)
+
+
+def tree(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return DatasetStore(tmp_path / "datasets", UploadLimits(max_file_bytes=100_000, max_total_bytes=1_000_000))
+
+
+def test_images_captions_and_a_zip_make_a_trainable_dataset(store, tmp_path):
+    store.create("Brand shots")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("set/c.png", png_bytes("green"))
+        zf.writestr("set/c.txt", "a green square")
+        zf.writestr("__MACOSX/._c.png", b"junk")
+    report = store.add_files("Brand shots", [
+        put(tmp_path, "a.png", png_bytes("red")), put(tmp_path, "a.txt", b"a red square"),
+        put(tmp_path, "b.png", png_bytes("blue")), put(tmp_path, "b.txt", b"a blue square"),
+        put(tmp_path, "shots.zip", archive.getvalue())])
+    assert sorted(report.added) == ["a.png", "a.txt", "b.png", "b.txt", "c.png", "c.txt"] and not report.refused
+    [info] = store.list()
+    assert (info.name, info.images, info.captioned, info.coverage) == ("Brand shots", 3, 3, 1.0)
+    scan = scan_dataset(str(info.path))
+    assert sorted(r.caption for r in scan.records) == ["a blue square", "a green square", "a red square"]
+
+
+def test_zip_slip_refuses_the_whole_archive(store, tmp_path):
+    store.create("d")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ok.png", png_bytes())
+        zf.writestr("../../escaped.png", png_bytes())
+    report = store.add_files("d", [put(tmp_path, "evil.zip", archive.getvalue())])
+    assert report.added == [] and "outside the dataset folder" in report.refused[0][1]
+    assert tree(store.root) == ["d"]
+    assert not list(tmp_path.rglob("escaped.png"))
+
+
+def test_each_bad_file_is_refused_with_a_reason(store, tmp_path):
+    store.create("d")
+    report = store.add_files("d", [
+        put(tmp_path, "fake.png", b"this is text, not a picture"),
+        put(tmp_path, "huge.png", png_bytes(size=(400, 400)) + b"\0" * 200_000),
+        put(tmp_path, "../up.png", png_bytes()),
+        put(tmp_path, "dir/name.png", png_bytes()),
+        put(tmp_path, "script.sh", b"rm -rf /"),
+        put(tmp_path, "good.png", png_bytes())])
+    reasons = dict(report.refused)
+    assert report.added == ["good.png"]
+    assert "not an image" in reasons["fake.png"]
+    assert "limit per file" in reasons["huge.png"]
+    assert "'..'" in reasons["../up.png"] and "'/'" in reasons["dir/name.png"]
+    assert "only images" in reasons["script.sh"]
+    assert "refused 5" in report.message()
+    assert tree(store.root) == ["d", "d/good.png"]
+
+
+def test_cancelled_or_oversized_upload_leaves_nothing(store, tmp_path):
+    store.create("d")
+    calls = {"n": 0}
+
+    def cancelled():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    files = [put(tmp_path, f"{i}.png", png_bytes()) for i in range(4)]
+    with pytest.raises(DatasetError, match="cancelled"):
+        store.add_files("d", files, cancelled=cancelled)
+    assert tree(store.root) == ["d"]
+    small = DatasetStore(store.root, UploadLimits(max_file_bytes=100_000, max_total_bytes=len(png_bytes()) * 2))
+    with pytest.raises(DatasetError, match="larger than the limit"):
+        small.add_files("d", files)
+    assert tree(store.root) == ["d"]
+
+
+def test_names_rename_delete_and_run_zip(store, tmp_path):
+    assert safe_file_name("ümlaut photo.PNG") == "ümlaut photo.PNG"
+    assert safe_file_name("a<b>.png") == "a_b_.png"
+    with pytest.raises(DatasetError):
+        store.create("../x")
+    store.create("old")
+    store.rename("old", "new")
+    with pytest.raises(DatasetError, match="confirm"):
+        store.delete("new", confirm="nope")
+    store.delete("new", confirm="new")
+    assert store.list() == []
+
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-000001").mkdir(parents=True)
+    (run / "run.safetensors").write_bytes(b"x")
+    (run / "samples" / "s.png").write_bytes(png_bytes())
+    (run / "checkpoints" / "checkpoint-000001" / "training_state.pt").write_bytes(b"state")
+    with zipfile.ZipFile(zip_run_folder(run, tmp_path / "run.zip")) as zf:
+        assert sorted(zf.namelist()) == ["run/run.safetensors", "run/samples/s.png"]
