@@ -39,3 +39,16 @@ def write_random_lora(path: Path, targets, seed: int, rank: int = 4, alpha: floa
 
 def tag_frequency(**tags: int) -> str:
     return json.dumps({"10_shapes": tags})
+
+
+def network_as_trained(targets: Dict[str, torch.nn.Module], rank: int, run_dir: Path) -> LoraNetwork:
+    """A LoRA network holding the exact fp32 parameters of a run's last checkpoint (not the saved file)."""
+    from lora_trainer.checkpoints import list_checkpoints, load_checkpoint_state
+
+    network = LoraNetwork(targets, rank)
+    state = load_checkpoint_state(list_checkpoints(run_dir)[-1][1])
+    with torch.no_grad():
+        params = dict(network.named_parameters())
+        for name, value in state["network"].items():
+            params[name].copy_(value)
+    return network

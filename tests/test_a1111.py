@@ -5,17 +5,16 @@ import types
 
 import pytest
 import torch
+from lora_helpers import network_as_trained
 
 from lora_trainer.backbones.a1111 import A1111Backbone
 from lora_trainer.backbones.single_file import load_backbone_from_path
-from lora_trainer.checkpoints import list_checkpoints, load_checkpoint_state
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
 from lora_trainer.errors import ModelError
 from lora_trainer.events import EventBus, Progress, StopRequest
 from lora_trainer.job import JobBusy, start_job
 from lora_trainer.lora_file import read_lora_file
-from lora_trainer.network import LoraNetwork
 from lora_trainer.runner import run_training
 from lora_trainer.webui_host import WebUIHost
 
@@ -82,12 +81,7 @@ def test_file_trained_in_the_webui_reproduces_in_diffusers(sd_model, tiny_sd1_fi
     tensors, meta = read_lora_file(result.lora_path)
     assert meta["ss_sd_model_name"] == "tiny" and meta["ss_sd_model_hash"] == "0123456789"
 
-    network = LoraNetwork(backbone.lora_targets(conv=True), 4)
-    state = load_checkpoint_state(list_checkpoints(result.run_dir)[-1][1])
-    with torch.no_grad():
-        params = dict(network.named_parameters())
-        for name, value in state["network"].items():
-            params[name].copy_(value)
+    network = network_as_trained(backbone.lora_targets(conv=True), 4, result.run_dir)
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_files["folder"]), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.load_lora_weights(str(result.lora_path), adapter_name="w")

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from lora_helpers import network_as_trained
 
 from lora_trainer.backbones.forge import ForgeBackbone
 from lora_trainer.backbones.single_file import load_backbone_from_path
-from lora_trainer.checkpoints import list_checkpoints, load_checkpoint_state
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
 from lora_trainer.errors import ModelError
-from lora_trainer.network import LoraNetwork
 from lora_trainer.runner import run_training
 
 pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (installed with --no-deps by `make test`)")
@@ -65,12 +64,7 @@ def test_training_on_forge_model_undoes_its_loras_and_reproduces_in_diffusers(fo
     assert not any(p.requires_grad for p in unet.parameters())
     assert not any("forward" in m.__dict__ for m in unet.modules())
 
-    network = LoraNetwork(backbone.lora_targets(), 4)
-    state = load_checkpoint_state(list_checkpoints(result.run_dir)[-1][1])
-    with torch.no_grad():
-        params = dict(network.named_parameters())
-        for name, value in state["network"].items():
-            params[name].copy_(value)
+    network = network_as_trained(backbone.lora_targets(), 4, result.run_dir)
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_files["folder"]), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.load_lora_weights(str(result.lora_path), adapter_name="f")

@@ -4,17 +4,17 @@ import json
 
 import pytest
 import torch
+from lora_helpers import network_as_trained
 from safetensors import safe_open
 
 from lora_trainer.backbones.single_file import load_backbone_from_path
-from lora_trainer.checkpoints import list_checkpoints, load_checkpoint_state
+from lora_trainer.checkpoints import list_checkpoints
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
 from lora_trainer.errors import TrainingError
 from lora_trainer.events import EventBus, Progress, StopRequest
 from lora_trainer.hashing import addnet_hash_file
 from lora_trainer.lora_file import read_lora_file
-from lora_trainer.network import LoraNetwork
 from lora_trainer.runner import run_training
 
 pytestmark = pytest.mark.slow
@@ -80,12 +80,7 @@ def test_trained_file_reproduces_the_model_in_diffusers(tiny_sd1_files, dataset,
 
     # The network exactly as trained (fp32 parameters from the final checkpoint's state).
     ours = load_backbone_from_path(str(tiny_sd1_files["folder"]))
-    network = LoraNetwork(ours.lora_targets(), config.lora_rank)
-    state = load_checkpoint_state(list_checkpoints(result.run_dir)[-1][1])
-    with torch.no_grad():
-        params = dict(network.named_parameters())
-        for name, value in state["network"].items():
-            params[name].copy_(value)
+    network = network_as_trained(ours.lora_targets(), config.lora_rank, result.run_dir)
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_files["folder"]), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
