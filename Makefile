@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := -c requirements/constraints.txt
 
-.PHONY: demo test lint pytest clean
+.PHONY: demo test lint pytest clean overlays
 
 $(VENV)/.standalone: requirements/engine.txt requirements/standalone.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,23 +19,42 @@ $(VENV)/.standalone: requirements/engine.txt requirements/standalone.txt require
 	$(PIP) install -q $(CONSTRAINTS) -r requirements/standalone.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.standalone requirements/dev.txt requirements/dev-nodeps.txt
+$(VENV)/.dev: $(VENV)/.standalone requirements/dev.txt requirements/ui.txt requirements/dev-nodeps.txt
 	$(PIP) install -q $(CONSTRAINTS) -r requirements/dev.txt
 	# Stability AI's original ldm package, as A1111 runs it; its own pins would downgrade half the venv.
 	$(PIP) install -q --no-deps -r requirements/dev-nodeps.txt
 	touch $@
+
+# The tab's browser tests also run on gradio 3.41.2 (A1111) and 4.40.0 (Forge). Each lives in an overlay
+# folder that tests/standins/ui_servers.py puts in front of .venv with PYTHONPATH, so torch is not installed
+# again; --no-deps, so the overlay holds only what that gradio needs older (or .venv lacks). 3.41.2 needs
+# fastapi 0.94 / pydantic 1 / httpx 0.24; 4.40.0 imports huggingface_hub.HfFolder (gone in huggingface_hub 1),
+# and transformers 5 / diffusers 0.42 refuse huggingface_hub < 1, so that overlay also holds Forge's own
+# huggingface_hub 0.26.2, transformers 4.46.1, tokenizers 0.20.3 and diffusers 0.31.0.
+OVERLAYS := .venv-gradio3/.stamp .venv-gradio4/.stamp
+.venv-gradio%/.stamp: requirements/gradio%-overlay.txt | $(VENV)/.standalone
+	rm -rf .venv-gradio$*
+	$(PIP) install -q --no-deps --target .venv-gradio$* -r $<
+	touch $@
+
+overlays: $(OVERLAYS)
+
+# Debian's chromium for Playwright (never `playwright install`: it downloads a browser build).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium
 
 demo: $(VENV)/.standalone
 	$(PY) -m lora_trainer demo
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/vermin --target=3.10- --violations --no-tips --eval-annotations lora_trainer
+	$(VENV)/bin/vermin --target=3.10- --violations --no-tips --eval-annotations lora_trainer scripts install.py
 
-pytest: $(VENV)/.dev
+pytest: $(VENV)/.dev $(OVERLAYS) $(CHROMIUM)
 	$(VENV)/bin/pytest -q
 
 test: lint pytest
 
 clean:
-	rm -rf $(VENV) demo_output output
+	rm -rf $(VENV) demo_output output .venv-gradio3 .venv-gradio4 test-artifacts

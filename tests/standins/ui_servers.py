@@ -112,6 +112,13 @@ class TabPage:
     def __init__(self, page, name: str):
         self.page, self.name = page, name
         self.shots = 0
+        self.started = time.monotonic()
+
+    def mark(self, label: str) -> None:
+        """Note how long the flow took to get here (test-artifacts/<name>-timings.txt)."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        with open(ARTIFACTS / f"{self.name}-timings.txt", "a", encoding="utf-8") as fh:
+            fh.write(f"{time.monotonic() - self.started:7.1f} s  {label}\n")
 
     def box(self, elem_id: str):
         return self.page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=file])").first
@@ -146,4 +153,5 @@ class TabPage:
         self.shots += 1
         path = ARTIFACTS / f"{self.name}-{self.shots:02d}-{label}.png"
         self.page.screenshot(path=str(path), full_page=True)
+        self.mark(f"screenshot {label}")
         return path

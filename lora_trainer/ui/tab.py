@@ -1,0 +1,384 @@
+"""The Train LoRA tab: ``TrainTab(context).render()`` builds the components, then one ``_wire_*`` method per
+behaviour connects them to ``TabController``. Every component's elem_id starts with ``lora_trainer_``.
+
+Progress comes from a hidden Refresh button that ``javascript/lora_trainer.js`` clicks every 1.5 s (no
+gr.Timer, no queue needed), so it works in gradio 3.41, 4.40 and current gradio, and after a page reload.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import List
+
+import gradio as gr
+
+from ..errors import UserError
+from . import compat
+from .compat import make, update
+from .context import TabContext
+from .controller import BULK_OPS, DatasetView, ResultView, TabController
+from .fields import ADVANCED_FIELDS, FORM_FIELDS, MAIN_FIELDS, field_specs, form_values
+from .presets import list_presets, load_preset
+from .widgets import field_component, guarded, thumbnail
+
+
+class TrainTab:
+    def __init__(self, context: TabContext):
+        self.context = context
+        self.controller = TabController(context)
+
+    # -- layout ----------------------------------------------------------------------------------
+    def render(self, css: str = "") -> gr.Blocks:
+        kwargs = {"css": css} if css and compat.MAJOR < 6 else {}
+        with gr.Blocks(analytics_enabled=False, title="Train LoRA", **kwargs) as blocks:
+            with gr.Column(elem_id="lora_trainer_tab"):
+                self.status = make(gr.Textbox, label="Status", interactive=False, elem_id="lora_trainer_status")
+                self._dataset_section()
+                self._model_section()
+                self._training_section()
+                self._run_section()
+                self._progress_section()
+                self._result_section()
+            self._wire_dataset()
+            self._wire_training()
+            self._wire_run()
+            self._wire_results()
+        self.blocks = blocks
+        return blocks
+
+    def _dataset_section(self) -> None:
+        gr.Markdown("### Dataset", elem_id="lora_trainer_dataset_heading")
+        with gr.Row():
+            self.folder = make(gr.Textbox, label="Image folder", elem_id="lora_trainer_dataset_dir", scale=4,
+                               placeholder="/path/to/images (sub-folders like 10_name repeat 10x)")
+            self.load = make(gr.Button, value="Load", elem_id="lora_trainer_dataset_load", scale=1)
+            self.trigger = make(gr.Textbox, label="Trigger word", elem_id="lora_trainer_trigger_word", scale=2,
+                                value=self.context.defaults.get("trigger_word", ""))
+        self.warnings = make(gr.Textbox, label="Dataset check", interactive=False, lines=2,
+                             elem_id="lora_trainer_dataset_warnings")
+        self.gallery = make(gr.Gallery, label="Images and captions", elem_id="lora_trainer_dataset_gallery",
+                            columns=6, height=320, allow_preview=False)
+        self.names = make(gr.Textbox, label="Image names", elem_id="lora_trainer_dataset_names",
+                          elem_classes=["lora_trainer_hidden"])
+        with gr.Row():
+            self.image = make(gr.Dropdown, label="Image", choices=[], value=None, elem_id="lora_trainer_caption_image",
+                              scale=2)
+            self.caption = make(gr.Textbox, label="Caption", lines=2, elem_id="lora_trainer_caption_text", scale=5)
+            self.save_caption = make(gr.Button, value="Save caption", elem_id="lora_trainer_caption_save", scale=1)
+        with gr.Row():
+            self.cap_model = make(gr.Textbox, label="Caption model (open_clip name or config .json)",
+                                  value=self.context.caption_model, elem_id="lora_trainer_caption_model")
+            self.cap_pretrained = make(gr.Textbox, label="Pretrained (tag, or a local weights file)",
+                                       value=self.context.caption_pretrained,
+                                       elem_id="lora_trainer_caption_pretrained")
+            self.cap_threshold = make(gr.Slider, minimum=0.0, maximum=0.5, step=0.01, value=0.2,
+                                      label="Threshold", elem_id="lora_trainer_caption_threshold")
+            self.cap_mode = make(gr.Radio, choices=["skip", "append", "overwrite"], value="skip",
+                                 label="Images with a caption", elem_id="lora_trainer_caption_mode")
+            self.cap_run = make(gr.Button, value="Auto-caption", elem_id="lora_trainer_caption_run")
+        with gr.Row():
+            self.bulk_op = make(gr.Radio, choices=list(BULK_OPS), value="prepend", label="Tag edit (all images)",
+                                elem_id="lora_trainer_bulk_op")
+            self.bulk_tag = make(gr.Textbox, label="Tag", elem_id="lora_trainer_bulk_tag")
+            self.bulk_new = make(gr.Textbox, label="Replace with", elem_id="lora_trainer_bulk_replacement")
+            self.bulk_apply = make(gr.Button, value="Apply and save", elem_id="lora_trainer_bulk_apply")
+
+    def _model_section(self) -> None:
+        gr.Markdown("### Model", elem_id="lora_trainer_model_heading")
+        if self.context.webui:
+            with gr.Row():
+                self.base_model = make(gr.Textbox, label="The WebUI's loaded checkpoint (trained in place)",
+                                       value=self.context.base_model_label, interactive=False,
+                                       elem_id="lora_trainer_model_info", scale=5)
+                self.model_refresh = make(gr.Button, value="Refresh", elem_id="lora_trainer_model_refresh")
+        else:
+            self.base_model = make(gr.Textbox, label="Base checkpoint (.safetensors / .ckpt file or diffusers "
+                                   "folder)", value=self.context.defaults.get("base_model", ""),
+                                   elem_id="lora_trainer_base_model")
+
+    def _training_section(self) -> None:
+        gr.Markdown("### Training", elem_id="lora_trainer_training_heading")
+        defaults = {"output_dir": str(self.context.output_dir), **self.context.defaults}
+        with gr.Row():
+            self.preset = make(gr.Dropdown, choices=list_presets(), value=None, label="Preset",
+                               elem_id="lora_trainer_preset")
+            self.preset_apply = make(gr.Button, value="Apply preset", elem_id="lora_trainer_preset_apply")
+        self.fields = {}
+        main = field_specs(MAIN_FIELDS, defaults)
+        for row in (main[:4], main[4:]):
+            with gr.Row():
+                for spec in row:
+                    self.fields[spec.name] = field_component(spec)
+        with make(gr.Accordion, label="Advanced", open=False, elem_id="lora_trainer_advanced"):
+            specs = field_specs(ADVANCED_FIELDS, defaults)
+            for start in range(0, len(specs), 3):
+                with gr.Row():
+                    for spec in specs[start:start + 3]:
+                        self.fields[spec.name] = field_component(spec)
+        with gr.Row():
+            self.estimate_run = make(gr.Button, value="Estimate time and memory", elem_id="lora_trainer_estimate_btn")
+            self.estimate = make(gr.Textbox, label="Estimate", interactive=False, elem_id="lora_trainer_estimate",
+                                 scale=4)
+        with gr.Row():
+            self.yaml_in = make(gr.File, label="Config YAML to load", file_types=[".yaml", ".yml"],
+                                elem_id="lora_trainer_yaml_upload")
+            self.yaml_load = make(gr.Button, value="Load YAML", elem_id="lora_trainer_yaml_load")
+            self.yaml_save = make(gr.Button, value="Save YAML", elem_id="lora_trainer_yaml_save")
+            self.yaml_out = make(gr.File, label="Saved config", interactive=False, elem_id="lora_trainer_yaml_file")
+
+    def _run_section(self) -> None:
+        gr.Markdown("### Run", elem_id="lora_trainer_run_heading")
+        with gr.Row():
+            self.start = make(gr.Button, value="Start", variant="primary", elem_id="lora_trainer_start")
+            self.stop = make(gr.Button, value="Stop", elem_id="lora_trainer_stop")
+            self.stop_save = make(gr.Button, value="Stop and save", elem_id="lora_trainer_stop_save")
+            self.extend_steps = make(gr.Number, value=100, precision=0, label="Extend by N steps",
+                                     elem_id="lora_trainer_extend_steps")
+            self.extend = make(gr.Button, value="Extend", elem_id="lora_trainer_extend")
+
+    def _progress_section(self) -> None:
+        gr.Markdown("### Progress", elem_id="lora_trainer_progress_heading")
+        self.progress = make(gr.Textbox, label="Progress", interactive=False, lines=2,
+                             elem_id="lora_trainer_progress")
+        with gr.Row():
+            self.chart = make(gr.LinePlot, x="step", y="loss", title="Training loss", x_title="step",
+                              y_title="loss", height=260, elem_id="lora_trainer_loss_chart")
+            self.samples = make(gr.Gallery, label="Latest samples", elem_id="lora_trainer_samples", columns=4,
+                                height=260, allow_preview=False)
+        self.log = make(gr.Textbox, label="Log", lines=6, max_lines=12, interactive=False, elem_id="lora_trainer_log")
+        self.refresh = make(gr.Button, value="Refresh", elem_id="lora_trainer_refresh",
+                            elem_classes=["lora_trainer_hidden"])
+        self.seen = gr.State({})
+
+    def _result_section(self) -> None:
+        gr.Markdown("### Result", elem_id="lora_trainer_result_heading")
+        self.result = make(gr.Textbox, label="LoRA file", interactive=False, lines=2, elem_id="lora_trainer_result")
+        self.sweep = make(gr.Image, label="Strength sweep", interactive=False, visible=False,
+                          elem_id="lora_trainer_sweep")
+        self.result_name = make(gr.Textbox, label="LoRA name", elem_id="lora_trainer_result_name",
+                                elem_classes=["lora_trainer_hidden"])
+        self.result_trigger = make(gr.Textbox, label="Trigger", elem_id="lora_trainer_result_trigger",
+                                   elem_classes=["lora_trainer_hidden"])
+        self.result_dir = make(gr.Textbox, label="Run folder", elem_id="lora_trainer_result_dir",
+                               elem_classes=["lora_trainer_hidden"])
+        with gr.Row():
+            self.weight = make(gr.Slider, minimum=0.0, maximum=2.0, step=0.05, value=self.context.preferred_weight,
+                               label="Weight", elem_id="lora_trainer_weight")
+            if self.context.webui:
+                self.use = make(gr.Button, value="Use in txt2img", variant="primary",
+                                elem_id="lora_trainer_use_txt2img")
+            else:
+                self.try_prompt = make(gr.Textbox, label="Try prompt", elem_id="lora_trainer_try_prompt", scale=3)
+                self.try_run = make(gr.Button, value="Generate", elem_id="lora_trainer_try_run")
+        if not self.context.webui:
+            self.try_image = make(gr.Image, label="Try", interactive=False, elem_id="lora_trainer_try_image",
+                                  height=256)
+        with gr.Row():
+            self.runs = make(gr.Dropdown, label="Past runs", choices=self.controller.runs(), value=None,
+                             elem_id="lora_trainer_runs", scale=4)
+            self.runs_refresh = make(gr.Button, value="Refresh list", elem_id="lora_trainer_runs_refresh")
+        self.run_config = make(gr.Code, label="Run config", language="yaml", interactive=False,
+                               elem_id="lora_trainer_run_config")
+
+    # -- wiring ----------------------------------------------------------------------------------
+    def _dataset_outputs(self, view: DatasetView, caption_name: str = "") -> tuple:
+        gallery = [t for t in (thumbnail(p, c) for p, c in view.gallery) if t is not None]
+        name = caption_name if caption_name in view.names else (view.names[0] if view.names else None)
+        caption = dict(zip(view.names, (c for _, c in view.gallery))).get(name, "")
+        return (gallery, view.warnings_text, "\n".join(view.names), update(choices=view.names, value=name),
+                caption)
+
+    def _wire_dataset(self) -> None:
+        c = self.controller
+        outputs = [self.status, self.gallery, self.warnings, self.names, self.image, self.caption]
+
+        @guarded(len(outputs))
+        def load(folder):
+            view = c.load_dataset(folder)
+            return (f"loaded {len(view.names)} images from {view.root}",) + self._dataset_outputs(view)
+
+        @guarded(len(outputs))
+        def caption(folder, model, pretrained, threshold, mode, trigger):
+            view, message = c.caption(folder, model, pretrained, threshold, mode, trigger)
+            return (message,) + self._dataset_outputs(view)
+
+        @guarded(len(outputs))
+        def save(folder, name, text):
+            view, message = c.save_caption(folder, name, text)
+            return (message,) + self._dataset_outputs(view, name)
+
+        @guarded(len(outputs))
+        def bulk(folder, op, tag, new, name):
+            view, message = c.bulk_edit(folder, op, tag, new)
+            return (message,) + self._dataset_outputs(view, name)
+
+        def caption_of(folder, name):
+            try:
+                view = c.load_dataset(folder)
+            except UserError:
+                return ""
+            return dict(zip(view.names, (cap for _, cap in view.gallery))).get(name, "")
+
+        def select_image(folder, names, evt: gr.SelectData):
+            names = (names or "").splitlines()
+            index = evt.index if isinstance(evt.index, int) else evt.index[0]
+            if not 0 <= index < len(names):
+                return update(), update()
+            return update(value=names[index]), caption_of(folder, names[index])
+
+        def choose_image(folder, evt: gr.SelectData):
+            return caption_of(folder, evt.value)
+
+        self.load.click(load, [self.folder], outputs)
+        self.folder.submit(load, [self.folder], outputs)
+        self.cap_run.click(caption, [self.folder, self.cap_model, self.cap_pretrained, self.cap_threshold,
+                                     self.cap_mode, self.trigger], outputs)
+        self.save_caption.click(save, [self.folder, self.image, self.caption], outputs)
+        self.bulk_apply.click(bulk, [self.folder, self.bulk_op, self.bulk_tag, self.bulk_new, self.image], outputs)
+        # select, not change: a programmatic value must not load a caption over the one being edited
+        self.gallery.select(select_image, [self.folder, self.names], [self.image, self.caption])
+        self.image.select(choose_image, [self.folder], [self.caption])
+
+    def _form(self) -> List:
+        return [self.folder, self.base_model, self.trigger] + [self.fields[n] for n in FORM_FIELDS]
+
+    def _config(self, folder, base_model, trigger, *values):
+        return self.controller.build_config(folder, base_model, trigger, dict(zip(FORM_FIELDS, values)))
+
+    def _wire_training(self) -> None:
+        c = self.controller
+        fields = [self.fields[n] for n in FORM_FIELDS]
+
+        @guarded(1 + len(fields))
+        def apply_preset(name):
+            if not name:
+                raise UserError("choose a preset first")
+            values = load_preset(name)
+            return (f"preset {name}: set {', '.join(values)}",) + tuple(
+                update(value=v) if n in values else update()
+                for n, v in zip(FORM_FIELDS, form_values(self._with(values), FORM_FIELDS)))
+
+        @guarded(2)
+        def estimate(*form):
+            return "", c.estimate(self._config(*form))
+
+        @guarded(2)
+        def save_yaml(*form):
+            config = self._config(*form)
+            path = Path(tempfile.mkdtemp(prefix="lora_trainer_")) / f"{config.output_name or 'lora'}.yaml"
+            path.write_text(c.config_yaml(config), encoding="utf-8")
+            return f"config saved as {path.name}", str(path)
+
+        form_outputs = [self.status, self.folder, self.base_model, self.trigger] + fields
+
+        @guarded(len(form_outputs))
+        def load_yaml(file):
+            path = compat.file_path(file)
+            if not path:
+                raise UserError("choose a YAML file to load first")
+            values = c.read_yaml(Path(path).read_text(encoding="utf-8"), Path(path).name)
+            config = self._with(values)
+            base = update(value=config.base_model) if "base_model" in values and not self.context.webui else update()
+            return ((f"loaded {Path(path).name}", update(value=values.get("train_data_dir", "")) if
+                     "train_data_dir" in values else update(), base,
+                     update(value=config.trigger_word) if "trigger_word" in values else update())
+                    + tuple(update(value=v) for v in form_values(config, FORM_FIELDS)))
+
+        self.preset_apply.click(apply_preset, [self.preset], [self.status] + fields)
+        self.estimate_run.click(estimate, self._form(), [self.status, self.estimate])
+        self.yaml_save.click(save_yaml, self._form(), [self.status, self.yaml_out])
+        self.yaml_load.click(load_yaml, [self.yaml_in], form_outputs)
+
+    def _wire_run(self) -> None:
+        c = self.controller
+
+        @guarded(2)
+        def start(*form):
+            config = self._config(*form)
+            estimate = ""
+            try:
+                estimate = c.estimate(config)
+            except UserError:
+                pass  # start() names the problem
+            return c.start(config), estimate or update()
+
+        self.start.click(start, self._form(), [self.status, self.estimate])
+        self.stop.click(guarded(1)(lambda: c.stop(save=False)), None, [self.status])
+        self.stop_save.click(guarded(1)(lambda: c.stop(save=True)), None, [self.status])
+        self.extend.click(guarded(1)(c.extend), [self.extend_steps], [self.status])
+
+        outputs = [self.progress, self.chart, self.samples, self.log, self.seen]
+        result_outputs = [self.result, self.sweep, self.result_name, self.result_trigger, self.result_dir,
+                          self.weight]
+
+        def refresh(seen):
+            view = c.progress()
+            seen = dict(seen or {})
+            if view.fingerprint == seen.get("fingerprint"):
+                return (update(), update(), update(), update(), seen) + tuple(update() for _ in result_outputs)
+            chart = _loss_frame(view.losses) if view.losses else None
+            samples = update()
+            if len(view.samples) != seen.get("samples"):
+                samples = [t for t in (thumbnail(p, Path(p).stem) for p in view.samples[-8:][::-1]) if t]
+            result = tuple(update() for _ in result_outputs)
+            done = view.state in ("finished", "stopped") and view.run_dir
+            if done and seen.get("result") != view.fingerprint[:2]:
+                try:
+                    result = self._result_outputs(c.result(view.run_dir))
+                    seen["result"] = view.fingerprint[:2]
+                except UserError as exc:
+                    result = (str(exc),) + tuple(update() for _ in result_outputs[1:])
+            seen.update(fingerprint=view.fingerprint, samples=len(view.samples))
+            return (view.summary, chart, samples, view.log, seen) + result
+
+        self.refresh.click(refresh, [self.seen], outputs + result_outputs, queue=False, **compat.hidden_progress())
+
+    def _with(self, values: dict):
+        """A full config for the form: ``values``, and the tab's defaults (its output folder, settings) elsewhere."""
+        from ..config import TrainConfig
+
+        defaults = {"base_model": "-", "train_data_dir": "-", "output_dir": str(self.context.output_dir),
+                    **self.context.defaults}
+        return TrainConfig.from_dict({**defaults, **values}, source="form")
+
+    def _result_outputs(self, view: ResultView) -> tuple:
+        sweep = update(value=str(view.sweep), visible=True) if view.sweep else update(value=None, visible=False)
+        return (view.text, sweep, view.name, view.trigger, view.run_dir, view.weight)
+
+    def _wire_results(self) -> None:
+        c = self.controller
+        result_outputs = [self.result, self.sweep, self.result_name, self.result_trigger, self.result_dir,
+                          self.weight]
+
+        @guarded(2 + len(result_outputs))
+        def show_run(name):
+            if not name:
+                return ("", "") + tuple(update() for _ in result_outputs)
+            return ("", c.run_config_text(name)) + self._result_outputs(c.result(str(c.run_path(name))))
+
+        self.runs.change(show_run, [self.runs], [self.status, self.run_config] + result_outputs)
+        self.runs_refresh.click(lambda: update(choices=c.runs()), None, [self.runs])
+        if self.context.webui:
+            self.model_refresh.click(lambda: self.context.base_model_label, None, [self.base_model])
+            self.use.click(None, [self.result_name, self.weight, self.result_trigger], None,
+                           **compat.js("(name, weight, trigger) => { loraTrainerUseInTxt2img(name, weight, trigger);"
+                                       " return [name, weight, trigger]; }"))
+        else:
+            @guarded(2)
+            def try_lora(run_dir, prompt, weight):
+                if not run_dir:
+                    raise UserError("no LoRA yet: train one, or choose a past run")
+                image, message = c.try_lora(run_dir, prompt, weight)
+                return message, image
+
+            self.try_run.click(try_lora, [self.result_dir, self.try_prompt, self.weight],
+                               [self.status, self.try_image])
+
+
+
+
+def _loss_frame(losses):
+    import pandas as pd
+
+    return pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})

@@ -1,0 +1,5 @@
+"""modules/devices.py: the device the WebUI runs on (--use-cpu all)."""
+
+import torch
+
+device = torch.device("cpu")

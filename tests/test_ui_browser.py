@@ -1,0 +1,194 @@
+"""The standalone Train LoRA tab in a real browser, on current gradio, 4.40.0 (Forge) and 3.41.2 (A1111).
+
+One flow per version, as a user would go: bad inputs, a dataset, auto-caption with a tiny CLIP, a caption
+edit, a bulk tag edit, a config YAML, Start, live progress (step, chart, samples, also after a page reload),
+Stop and save, Extend, the result and the Try panel's image. Screenshots go to test-artifacts/;
+UPDATE_SCREENSHOTS=1 also refreshes docs/screenshot_tab.png from the current-gradio run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from standins.ui_servers import ROOT, TabPage, browser, free_port, running_server, server_env, ui_command
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+VERSIONS = ["current", "4.40.0", "3.41.2"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny SD1 checkpoint (LDM .safetensors + its config folder) and a tiny open_clip model (config .json +
+    weights .pt), made offline. A single file, not a diffusers folder: transformers 5 saves a tokenizer folder
+    that Forge's transformers 4.46 cannot read, while the checkpoint's config folder suits both."""
+    import torch
+
+    from lora_trainer.backbones.tiny import save_tiny_sd1_single_file
+    from lora_trainer.tiny_clip import register_tiny_clip, train_tiny_clip
+
+    root = tmp_path_factory.mktemp("ui_assets")
+    model_config = save_tiny_sd1_single_file(0, root / "tiny-sd1.safetensors")
+    clip_config = register_tiny_clip(root / "clip")
+    clip, _ = train_tiny_clip(steps=20, seed=0)
+    torch.save({k: v.contiguous() for k, v in clip.state_dict().items()}, root / "clip" / "tiny-clip.pt")
+    return {"model": root / "tiny-sd1.safetensors", "model_config": model_config, "clip_config": clip_config,
+            "clip_weights": root / "clip" / "tiny-clip.pt", "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    with browser(tmp_path_factory.mktemp("chromium")) as context:
+        yield context
+
+
+def dataset_without_captions(folder: Path) -> Path:
+    from lora_trainer.demo import make_demo_dataset
+
+    make_demo_dataset(folder, count=6)
+    (folder / "metadata.csv").unlink()
+    shutil.copyfile(folder / "shape_00.png", folder / "shape_dup.png")  # a duplicate file to warn about
+    return folder
+
+
+def captions_on_disk(folder: Path) -> dict:
+    with open(folder / "metadata.csv", newline="", encoding="utf-8") as fh:
+        return {row["filename"]: row["prompt"] for row in csv.DictReader(fh)}
+
+
+def write_config(path: Path, assets: dict, data: Path) -> Path:
+    path.write_text(
+        f"base_model: {assets['model']}\nmodel_config: {assets['model_config']}\ntrain_data_dir: {data}\n"
+        "output_name: uitest\ntrigger_word: ltdemo\n"
+        "resolution: 64\nmin_bucket_reso: 32\nmax_bucket_reso: 128\nbucket_reso_steps: 32\nlora_rank: 4\n"
+        "learning_rate: 1.0e-3\nbatch_size: 2\nmax_train_steps: 1000\nsample_every_n_steps: 10\nsample_steps: 2\n"
+        "device: cpu\nseed: 3\n", encoding="utf-8")
+    return path
+
+
+def progress_steps(tab: TabPage, count: int, timeout: float = 90) -> list:
+    """Wait until the progress line has shown ``count`` different step numbers; returns them."""
+    seen, deadline = [], time.monotonic() + timeout
+    while len(seen) < count:
+        assert time.monotonic() < deadline, f"progress showed only {seen}: {tab.value('lora_trainer_progress')!r}"
+        text = tab.value("lora_trainer_progress")
+        if " step " in text:
+            step = int(text.split(" step ")[1].split("/")[0])
+            if not seen or step != seen[-1]:
+                seen.append(step)
+        time.sleep(0.3)
+    return seen
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
+    data = dataset_without_captions(tmp_path / "shapes")
+    (tmp_path / "empty").mkdir()
+    config_file = write_config(tmp_path / "uitest.yaml", assets, data)
+    port = free_port()
+    env = server_env(version, cache=assets["cache"])
+    log = ROOT / "test-artifacts" / f"server-{version}.log"
+    with running_server(ui_command(port, tmp_path / "runs"), env, log, port) as url:
+        page = chromium.new_page()
+        tab = TabPage(page, f"standalone-{version}")
+        (ROOT / "test-artifacts" / f"standalone-{version}-timings.txt").unlink(missing_ok=True)
+        tab.mark("server up")
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_selector("#lora_trainer_dataset_dir")
+        served = page.evaluate("() => window.gradio_config && window.gradio_config.version")
+        if version != "current":
+            assert served == version
+        tab.wait_value("lora_trainer_progress", "v.includes('No training run yet')")  # the poll is running
+
+        # Bad input: one visible line each, never a traceback.
+        tab.fill("lora_trainer_dataset_dir", tmp_path / "missing")
+        assert "does not exist" in tab.status_after("lora_trainer_dataset_load", "Error:")
+        tab.fill("lora_trainer_dataset_dir", tmp_path / "empty")
+        assert "no images found" in tab.status_after("lora_trainer_dataset_load", "no images found")
+        tab.fill("lora_trainer_cfg_output_name", "bad/name")
+        assert "give the base checkpoint" in tab.status_after("lora_trainer_start", "base checkpoint")
+        tab.fill("lora_trainer_base_model", assets["model"])
+        tab.fill("lora_trainer_dataset_dir", data)
+        assert "'output_name'" in tab.status_after("lora_trainer_start", "output_name")
+
+        tab.mark("bad inputs")
+        # The dataset: warnings, auto-caption, one caption edited, a bulk tag edit.
+        tab.status_after("lora_trainer_dataset_load", "loaded 7 images")
+        tab.mark("dataset loaded")
+        warnings = tab.value("lora_trainer_dataset_warnings")
+        assert "without a caption" in warnings and "identical" in warnings and "smaller than 256" in warnings
+        tab.fill("lora_trainer_trigger_word", "ltdemo")
+        tab.fill("lora_trainer_caption_model", assets["clip_config"])
+        tab.fill("lora_trainer_caption_pretrained", assets["clip_weights"])
+        assert "captioned 7 image(s)" in tab.status_after("lora_trainer_caption_run", "captioned", timeout=90_000)
+        assert all(c.startswith("ltdemo") for c in captions_on_disk(data).values())
+        tab.mark("auto-captioned")
+        page.locator("#lora_trainer_dataset_gallery .thumbnail-item").nth(1).click()
+        tab.wait_value("lora_trainer_caption_image", "v === 'shape_01.png'")
+        tab.wait_value("lora_trainer_caption_text", f"v === {json.dumps(captions_on_disk(data)['shape_01.png'])}")
+        tab.fill("lora_trainer_caption_text", "ltdemo, an edited caption")
+        tab.status_after("lora_trainer_caption_save", "saved the caption of shape_01.png")
+        assert captions_on_disk(data)["shape_01.png"] == "ltdemo, an edited caption"
+        tab.fill("lora_trainer_bulk_tag", "flat style")
+        tab.status_after("lora_trainer_bulk_apply", "7 caption(s) changed")
+        assert captions_on_disk(data)["shape_01.png"] == "flat style, ltdemo, an edited caption"
+        tab.shot("dataset")
+
+        # Settings from a YAML file (the CLI's schema), then Start; a second Start is refused.
+        page.set_input_files("#lora_trainer_yaml_upload input[type=file]", str(config_file))
+        page.wait_for_timeout(500)
+        tab.status_after("lora_trainer_yaml_load", "loaded uitest.yaml")
+        assert tab.value("lora_trainer_cfg_output_name") == "uitest"
+        assert float(tab.value("lora_trainer_cfg_max_train_steps")) == 1000
+        tab.status_after("lora_trainer_yaml_save", "config saved as uitest.yaml")
+        tab.status_after("lora_trainer_start", "started: uitest")
+        tab.mark("started")
+        assert "Estimate" in tab.value("lora_trainer_estimate")
+        assert "already in progress" in tab.status_after("lora_trainer_start", "Error:")
+
+        # Live progress: three updates, the loss chart, a sample; the same after a page reload.
+        steps = progress_steps(tab, 3)
+        assert steps == sorted(steps)
+        page.wait_for_selector("#lora_trainer_loss_chart canvas, #lora_trainer_loss_chart svg")
+        page.wait_for_selector("#lora_trainer_samples img")
+        tab.shot("training")
+        page.reload(wait_until="domcontentloaded")
+        page.wait_for_selector("#lora_trainer_dataset_dir")
+        progress_steps(tab, 2)
+        page.wait_for_selector("#lora_trainer_samples img")
+        tab.fill("lora_trainer_dataset_dir", data)  # the form starts empty again; the run went on
+        tab.status_after("lora_trainer_dataset_load", "loaded 7 images")
+
+        tab.mark("progress seen, also after a reload")
+        # Stop and save, then Extend by 4 steps.
+        tab.status_after("lora_trainer_stop_save", "stopping after this step")
+        stopped = tab.wait_value("lora_trainer_progress", "v.includes('stopped')", 60_000)
+        stop_step = int(stopped.split(" step ")[1].split("/")[0])
+        assert stop_step < 1000
+        tab.wait_value("lora_trainer_result", "v.includes('uitest.safetensors')")
+        tab.mark("stopped and saved")
+        tab.fill("lora_trainer_extend_steps", 4)
+        tab.status_after("lora_trainer_extend", "extending uitest by 4 steps")
+        done = tab.wait_value("lora_trainer_progress", "v.includes('finished')", 90_000)
+        assert f"step {stop_step + 4}/{stop_step + 4}" in done
+        assert (tmp_path / "runs" / "uitest" / "uitest.safetensors").is_file()
+
+        tab.mark("extended")
+        # The Try panel renders an image with the trained LoRA; past runs list the run with its config.
+        tab.fill("lora_trainer_try_prompt", "ltdemo, a red circle")
+        tab.status_after("lora_trainer_try_run", "uitest at weight 0.7", timeout=90_000)
+        page.wait_for_selector("#lora_trainer_try_image img")
+        tab.mark("tried")
+        tab.click("lora_trainer_runs_refresh")
+        shot = tab.shot("result")
+        readme_shot = ROOT / "docs" / "screenshot_tab.png"
+        if version == "current" and (os.environ.get("UPDATE_SCREENSHOTS") or not readme_shot.exists()):
+            readme_shot.parent.mkdir(exist_ok=True)
+            shutil.copyfile(shot, readme_shot)  # the README's picture; a plain test run leaves it alone
+        page.close()

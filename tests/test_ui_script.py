@@ -1,0 +1,118 @@
+"""scripts/lora_trainer_tab.py, imported as A1111 imports an extension script, against the WebUI stand-in."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lora_trainer import job as jobs
+from lora_trainer.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "lora_trainer_tab.py"
+STANDINS = ROOT / "tests" / "standins" / "webui_modules"
+
+
+@pytest.fixture
+def webui(tmp_path, monkeypatch):
+    """The stand-in ``modules`` package on sys.path, and the script imported with the extension dir on it."""
+    pytest.importorskip("gradio")
+    monkeypatch.setenv("FAKE_WEBUI_LORA_DIR", str(tmp_path / "models" / "Lora"))
+    monkeypatch.setenv("FAKE_WEBUI_CHECKPOINT", str(tmp_path / "v1-5.safetensors"))
+    saved = {k: v for k, v in sys.modules.items() if k == "modules" or k.startswith("modules.")}
+    for key in saved:
+        del sys.modules[key]
+    sys.path.insert(0, str(STANDINS))
+    sys.path.insert(0, str(ROOT))  # what scripts.load_scripts does while importing the file
+    try:
+        spec = importlib.util.spec_from_file_location("lora_trainer_tab_script", SCRIPT)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(ROOT))
+    from modules import script_callbacks, shared
+
+    yield script, script_callbacks, shared
+    sys.path.remove(str(STANDINS))
+    for key in [k for k in sys.modules if k == "modules" or k.startswith("modules.")]:
+        del sys.modules[key]
+    sys.modules.update(saved)
+
+
+def test_registers_settings_and_the_tab(webui, tmp_path):
+    import gradio as gr
+
+    script, callbacks, shared = webui
+    callbacks.ui_settings_callback()
+    labels = shared.opts.data_labels
+    assert {"lora_trainer_subfolder", "lora_trainer_default_rank", "lora_trainer_output_dir"} <= set(labels)
+    assert all(info.section == ("lora_trainer", "LoRA Trainer") for info in labels.values())
+    shared.opts.data.update(lora_trainer_subfolder="trained", lora_trainer_output_dir=str(tmp_path / "runs"),
+                            lora_trainer_default_rank=8)
+    tabs = callbacks.ui_tabs_callback()
+    assert len(tabs) == 1
+    blocks, label, tab_id = tabs[0]
+    assert isinstance(blocks, gr.Blocks) and (label, tab_id) == ("Train LoRA", "lora_trainer")
+    ids = [getattr(b, "elem_id", None) for b in blocks.blocks.values()]
+    assert all(i.startswith("lora_trainer_") for i in ids if i)
+    assert {"lora_trainer_model_info", "lora_trainer_use_txt2img", "lora_trainer_refresh"} <= set(ids)
+    rank = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "lora_trainer_cfg_lora_rank")
+    assert rank.value == 8  # the setting's default
+    host = script._host()
+    from modules import call_queue
+
+    assert host.queue_lock is call_queue.queue_lock
+    assert host.lora_dir() == tmp_path / "models" / "Lora" / "trained"
+    assert script._model_info() == "v1-5.safetensors (loads when training starts)"
+
+
+def test_unloading_the_script_stops_the_run(webui, tmp_path):
+    script, callbacks, shared = webui
+    release = threading.Event()
+
+    class Host:
+        def model_lock(self):
+            return threading.Lock()
+
+        def load_backbone(self, config):
+            release.wait(30)
+            raise UserError("released")
+
+        def lora_dir(self):
+            return None
+
+        def progress_started(self, *a):
+            pass
+
+        progress = progress_finished = published = progress_started
+
+        def interrupted(self):
+            return False
+
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", count=5)
+    job = jobs.start_job(TrainConfig.from_dict({"base_model": "m", "train_data_dir": str(data),
+                                                "output_dir": str(tmp_path / "runs")}), Host())
+    try:
+        callbacks.script_unloaded_callback()
+        assert job.stop_request.is_set() and job.stop_request.save
+    finally:
+        release.set()
+        job.wait(30)
+
+
+def test_the_glue_stays_glue():
+    text = SCRIPT.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 150
+    assert not re.search(r"^\s*(import|from)\s+(torch|diffusers|transformers)\b", text, re.M)
+    js = (ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8")
+    assert set(re.findall(r"#([A-Za-z0-9_]+)", js)) <= {"lora_trainer_tab", "lora_trainer_refresh", "txt2img_prompt"}
+    css = (ROOT / "style.css").read_text(encoding="utf-8")
+    assert all(s.startswith("lora_trainer_") for s in re.findall(r"[#.]([A-Za-z_][A-Za-z0-9_-]*)\s*[{,\s]", css))
