@@ -54,18 +54,22 @@ def option(default: Any, section: str, help: str, *, choices: tuple = (), min: f
 @dataclass(frozen=True)
 class TrainConfig:
     # -- model ---------------------------------------------------------------------------------
-    task_type: str = option("text-to-image", "model",
-                            "text-to-image: a Stable Diffusion LoRA; text-generation: an LLM LoRA (transformers + peft).",
-                            choices=("text-to-image", "text-generation"))
+    task_type: str = option(
+        "text-to-image", "model",
+        "text-to-image: a Stable Diffusion LoRA; text-generation: an LLM LoRA (transformers + peft).",
+        choices=("text-to-image", "text-generation"))
     base_model: str = option("", "model", "Base checkpoint: a .safetensors or .ckpt file, or a diffusers folder.")
     model_config: str = option(
         "", "model",
         "A diffusers folder whose config files describe the base model's architecture; "
         "empty uses the bundled config of the detected family.")
-    family: str = option("auto", "model", "Model family; auto detects it from the checkpoint.", choices=("auto", "sd1"))
+    family: str = option(
+        "auto", "model", "Model family: sd1 (SD1.x), sd2 (SD2.x, 512 or 768-v) or sdxl (SDXL base); auto detects "
+        "it from the checkpoint (anything else is refused with the reason).", choices=("auto", "sd1", "sd2", "sdxl"))
     prediction_type: str = option(
-        "auto", "model", "What the UNet predicts; auto takes the family default (epsilon for SD1).",
-        choices=("auto", "epsilon", "v_prediction"))
+        "auto", "model", "What the UNet predicts. auto: what the checkpoint says (a v_pred key, the .yaml beside it, "
+        "the model config; an SD2 checkpoint that says nothing is tested as A1111 does), else epsilon. Set "
+        "v_prediction for SD2 768-v models.", choices=("auto", "epsilon", "v_prediction"))
     clip_skip: int = option(1, "model", "Use the output of the Nth-from-last text encoder layer (1 = last).",
                             min=1, max=12)
     # -- data ----------------------------------------------------------------------------------
@@ -76,7 +80,8 @@ class TrainConfig:
     caption_extension: str = option(".txt", "data", "Extension of sidecar caption files.")
     repeats: int = option(1, "data", "How often each image is seen per epoch (a 10_name folder overrides it).",
                           min=1, max=10000)
-    resolution: int = option(512, "data", "Training resolution in pixels (the area of each bucket).", min=64, max=4096)
+    resolution: int = option(512, "data", "Training resolution in pixels (the area of each bucket): 512 for SD1 "
+                             "and SD2-512, 768 for SD2 768-v, 1024 for SDXL.", min=64, max=4096)
     enable_bucket: bool = option(True, "data", "Group images by aspect ratio instead of cropping them square.")
     min_bucket_reso: int = option(256, "data", "Smallest bucket side in pixels.", min=8, max=4096)
     max_bucket_reso: int = option(1024, "data", "Largest bucket side in pixels.", min=8, max=8192)
@@ -92,16 +97,27 @@ class TrainConfig:
     cache_latents: bool = option(True, "data", "Encode each image once before training (much faster).")
     max_seq_length: int = option(512, "data", "text-generation: tokens per training sequence.", min=8, max=1_000_000)
     # -- network -------------------------------------------------------------------------------
-    network: str = option("lora", "network", "lora: attention and feed-forward layers; locon: also conv layers.",
-                          choices=("lora", "locon"))
+    network: str = option(
+        "lora", "network", "lora: low-rank update of the attention and feed-forward layers; locon: also the conv "
+        "layers; loha: Hadamard product of two low-rank pairs (LyCORIS LoHa, attention and conv layers); lokr: "
+        "Kronecker product (LyCORIS LoKr, attention and conv layers, see lokr_factor); dora: lora with weight "
+        "decomposition (DoRA: a trained magnitude per input channel). All load in A1111, Forge and ComfyUI.",
+        choices=("lora", "locon", "loha", "lokr", "dora"))
     lora_rank: int = option(16, "network", "LoRA rank (dim): capacity and file size.", min=1, max=1024)
     lora_alpha: Optional[float] = option(
         None, "network", "LoRA alpha; the update is scaled by alpha/rank. Empty: same as lora_rank (scale 1).",
         min=0.0, max=4096.0)
-    conv_rank: Optional[int] = option(None, "network", "Rank of the conv layers (locon). Empty: same as lora_rank.",
-                                      min=1, max=1024)
-    conv_alpha: Optional[float] = option(None, "network", "Alpha of the conv layers (locon). Empty: same as conv_rank.",
-                                         min=0.0, max=4096.0)
+    conv_rank: Optional[int] = option(None, "network", "Rank of the conv layers (locon, loha, lokr). Empty: same as "
+                                      "lora_rank.", min=1, max=1024)
+    conv_alpha: Optional[float] = option(None, "network", "Alpha of the conv layers (locon, loha, lokr). Empty: same "
+                                         "as conv_rank.", min=0.0, max=4096.0)
+    lokr_factor: int = option(
+        -1, "network", "lokr: split each side of a weight into two factors, the smaller at most this (LyCORIS "
+        "'factor'); -1: as balanced as possible. A rank at or above half the larger factor stores that factor as a "
+        "full matrix (then alpha is ignored, as in LyCORIS).", min=-1, max=4096)
+    train_text_encoder: bool = option(
+        False, "network", "Also train LoRA on the text encoder(s) (SDXL: both). Text embeddings are then computed "
+        "every step instead of once; costs memory and time.")
     target_modules: list = option([], "network", "text-generation: module names to adapt (empty: chosen per "
                                   "architecture, e.g. q_proj,k_proj,v_proj,o_proj for LLaMA).")
     init_lora: str = option("", "network", "Start from the weights of an existing LoRA file instead of zeros.")
@@ -109,6 +125,9 @@ class TrainConfig:
     optimizer: str = option("adamw", "optim", "adamw, adamw8bit (needs bitsandbytes) or prodigy (needs prodigyopt).",
                             choices=("adamw", "adamw8bit", "prodigy"))
     learning_rate: float = option(1e-4, "optim", "Learning rate (use 1.0 with prodigy).", min=0.0, max=10.0)
+    text_encoder_lr: Optional[float] = option(
+        None, "optim", "Learning rate of the text-encoder LoRA (with train_text_encoder); often lower than "
+        "learning_rate, e.g. 5e-5. Empty: learning_rate.", min=0.0, max=10.0)
     weight_decay: float = option(0.01, "optim", "Decoupled weight decay.", min=0.0, max=10.0)
     max_grad_norm: float = option(1.0, "optim", "Clip gradients to this norm (0 = no clipping).", min=0.0, max=1e6)
     lr_scheduler: str = option(
@@ -161,7 +180,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
         """Validate ``values`` (from YAML, CLI or a form) and build a config; raise ConfigError naming the key."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a mapping of option names to values, got {type(values).__name__}")
@@ -186,7 +205,7 @@ class TrainConfig:
             out[f.name] = list(value) if isinstance(value, list) else value
         return out
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         """A validated copy with some fields changed."""
         return TrainConfig.from_dict({**self.to_dict(include_runtime=True), **changes})
 
@@ -201,6 +220,10 @@ class TrainConfig:
             raise ConfigError(f"{source}: 'resolution' must be a multiple of 8, got {self.resolution}")
         if self.bucket_reso_steps % 8:
             raise ConfigError(f"{source}: 'bucket_reso_steps' must be a multiple of 8, got {self.bucket_reso_steps}")
+        if self.lokr_factor == 0:
+            raise ConfigError(f"{source}: 'lokr_factor' must be -1 (balanced) or a factor of at least 1, got 0")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            logger.warning("text_encoder_lr=%g has no effect without train_text_encoder", self.text_encoder_lr)
         if self.keep_tokens and not self.shuffle_caption:
             logger.warning("keep_tokens=%d has no effect without shuffle_caption", self.keep_tokens)
         if self.output_name and not is_safe_name(self.output_name):
@@ -243,7 +266,7 @@ def load_config_file(path: str | Path, overrides: dict | None = None) -> TrainCo
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; check the path")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -255,7 +278,10 @@ def load_config_file(path: str | Path, overrides: dict | None = None) -> TrainCo
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected 'key: value' lines, got a {type(values).__name__}")
     values = _flatten_sections(values, str(path))
-    return TrainConfig.from_dict({**values, **(overrides or {})}, source=str(path))
+    # Flags are checked on their own first, so a bad flag value is blamed on the command line, not the file.
+    flags = {_canonical_key(k, "command line"): v for k, v in (overrides or {}).items()}
+    flags = {name: _coerce(FIELDS[name], value, "command line") for name, value in flags.items()}
+    return TrainConfig.from_dict({**values, **flags}, source=str(path))
 
 
 def config_to_yaml(config: TrainConfig) -> str:

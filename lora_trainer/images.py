@@ -85,24 +85,33 @@ def image_to_tensor(img: Image.Image, bucket: Size, flip: bool = False) -> torch
     import torch
 
     width, height = int(bucket[0]), int(bucket[1])
-    if width <= 0 or height <= 0:
-        raise ValueError(f"bucket must have positive sides, got {bucket}")
     if img.mode != "RGB" or "transparency" in img.info:
         img = to_rgb(img)
     src_w, src_h = img.size
-    scale = max(width / src_w, height / src_h)
-    # max() guards against rounding one side just below the bucket.
-    new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+    (new_w, new_h), (left, top) = cover_and_crop(img.size, bucket)
     if (new_w, new_h) != (src_w, src_h):
         # LANCZOS keeps detail when shrinking; BICUBIC rings less when enlarging.
-        resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+        shrinking = max(width / src_w, height / src_h) < 1
+        resample = Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC
         img = img.resize((new_w, new_h), resample=resample)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
     img = img.crop((left, top, left + width, top + height))
     if flip:
         img = ImageOps.mirror(img)
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [h, w, 3], a copy so it is writable
     return pixels.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0).contiguous()
+
+
+def cover_and_crop(source: Size, bucket: Size) -> tuple[Size, tuple[int, int]]:
+    """How ``image_to_tensor`` fits an image of size ``source`` into ``bucket`` (both (width, height)):
+    the resized size that covers the bucket with the aspect kept, and the (left, top) of the centred crop."""
+    width, height = int(bucket[0]), int(bucket[1])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"bucket must have positive sides, got {bucket}")
+    src_w, src_h = int(source[0]), int(source[1])
+    scale = max(width / src_w, height / src_h)
+    # max() guards against rounding one side just below the bucket.
+    new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+    return (new_w, new_h), ((new_w - width) // 2, (new_h - height) // 2)
 
 
 def _orientation(img: Image.Image) -> int:

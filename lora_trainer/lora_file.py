@@ -17,6 +17,8 @@ from .files import write_bytes_atomic
 from .hashing import addnet_hash, addnet_legacy_hash
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# LoRA / LoCon / DoRA, LoHa, LoKr: a file holding none of these is not a LoRA we can read.
+WEIGHT_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".hada_w1_a", ".lokr_w1", ".lokr_w1_a")
 
 
 def save_lora_file(path: Path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
@@ -50,8 +52,9 @@ def read_lora_file(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
         metadata = read_metadata(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
-    if not any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in tensors):
-        raise ModelError(f"{path}: holds no LoRA weights (no .lora_down/.lora_up keys); is it a full checkpoint?")
+    if not any(k.endswith(WEIGHT_SUFFIXES) for k in tensors):
+        raise ModelError(f"{path}: holds no LoRA weights (no .lora_down/.lora_up, LoHa or LoKr keys); is it a full "
+                         "checkpoint?")
     return {k: v.float() for k, v in tensors.items()}, metadata
 
 

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .config import TrainConfig
 
@@ -58,9 +58,8 @@ def trigger_words(config: TrainConfig) -> List[str]:
 def lora_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, rank: int, alpha: float,
                   conv_rank: Optional[int] = None, conv_alpha: Optional[float] = None) -> Dict[str, str]:
     version, v2, architecture, _ = FAMILY_KEYS[family_key(facts.family, facts.prediction_type)]
-    network_args = {}
-    if config.network == "locon":
-        network_args = {"algo": "locon", "conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or rank)}
+    network_module, network_args = network_description(config, rank, conv_rank, conv_alpha)
+    text_lr = config.learning_rate if config.text_encoder_lr is None else config.text_encoder_lr
     resolution = f"{config.resolution},{config.resolution}"
     bucket_info = {"buckets": {str(i): {"resolution": [int(x) for x in key.split("x")], "count": count}
                                for i, (key, count) in enumerate(sorted(facts.bucket_counts.items()))},
@@ -74,13 +73,13 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, r
         "ss_sd_model_name": facts.model_name,
         "ss_base_model_version": version,
         "ss_v2": v2,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(rank),
         "ss_network_alpha": _num(alpha),
         "ss_network_args": json.dumps(network_args),
         "ss_learning_rate": _num(config.learning_rate),
         "ss_unet_lr": _num(config.learning_rate),
-        "ss_text_encoder_lr": "0",
+        "ss_text_encoder_lr": _num(text_lr) if config.train_text_encoder else "0",
         "ss_optimizer": config.optimizer,
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
@@ -131,6 +130,22 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, r
     if config.init_lora:
         meta["ss_init_lora"] = config.init_lora
     return meta
+
+
+def network_description(config: TrainConfig, rank: int, conv_rank: Optional[int] = None,
+                        conv_alpha: Optional[float] = None) -> Tuple[str, Dict[str, str]]:
+    """``ss_network_module`` and ``ss_network_args`` as kohya / LyCORIS write them for ``config.network``."""
+    conv = {"conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or conv_rank or rank)}
+    if config.network == "locon":
+        return "networks.lora", {"algo": "locon", **conv}
+    if config.network in ("loha", "lokr"):
+        args = {"algo": config.network, **conv}
+        if config.network == "lokr":
+            args["factor"] = str(config.lokr_factor)
+        return "lycoris.kohya", args
+    if config.network == "dora":
+        return "lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "False"}
+    return "networks.lora", {}
 
 
 def sidecar_json(config: TrainConfig, facts: RunFacts) -> Dict[str, object]:

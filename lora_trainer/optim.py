@@ -7,16 +7,27 @@ engine must not import diffusers inside A1111 (see DESIGN invariant 3).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, List
 
 import torch
 
 from .errors import ConfigError
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], name: str, learning_rate: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+def parameter_groups(params: Iterable) -> List[dict]:
+    """Parameters, or torch-style groups (``{"params": [...], "lr": ...}``), as non-empty groups of trainable
+    parameters. A group without its own ``lr`` takes the optimizer's ``learning_rate``."""
+    items = list(params)
+    if items and all(isinstance(item, dict) for item in items):
+        groups = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in items]
+    else:
+        groups = [{"params": [p for p in items if p.requires_grad]}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(params: Iterable, name: str, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``params``: parameters, or parameter groups each with its own ``lr`` (UNet and text encoder)."""
+    params = parameter_groups(params)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     if name == "adamw8bit":

@@ -18,13 +18,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import checkpoints
-from .backbones.base import Backbone
+from .backbones.base import Backbone, TrainSize
 from .config import TrainConfig
 from .diffusion import (add_noise, diffusion_loss, min_snr_weights, noise_generator, sample_noise,
                         sample_timesteps, training_target)
 from .errors import TrainingError
 from .events import CheckpointSaved, EventBus, Finished, Progress, SampleSaved, Started, StopRequest
 from .files import write_atomic
+from .lora_check import check_trained_lora
 from .lora_file import read_lora_file, save_lora_file
 from .metadata import RunFacts, lora_metadata, new_session_id, sidecar_json
 from .network import LoraNetwork
@@ -48,10 +49,13 @@ class TrainResult:
     loss_after: Optional[float] = None  # the same batch, LoRA at weight 1
 
 
+CONV_NETWORKS = ("locon", "loha", "lokr")  # the network types that also adapt the conv layers
+
+
 def build_network(config: TrainConfig, backbone: Backbone) -> LoraNetwork:
-    targets = backbone.lora_targets(conv=config.network == "locon")
+    targets = backbone.lora_targets(conv=config.network in CONV_NETWORKS, text_encoder=config.train_text_encoder)
     network = LoraNetwork(targets, config.lora_rank, config.lora_alpha, config.conv_rank, config.conv_alpha,
-                          seed=config.seed)
+                          seed=config.seed, algorithm=config.network, lokr_factor=config.lokr_factor)
     if config.init_lora:
         tensors, _ = read_lora_file(Path(config.init_lora))
         network.load_kohya_state_dict(tensors, source=config.init_lora)
@@ -71,26 +75,38 @@ def train(config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunF
 
 
 class _TextConditioning:
-    """Text embeddings per (caption, bucket): cached once when captions never change, else per step."""
+    """Text conditioning per caption (SDXL: per caption and size): computed once when neither the captions nor the
+    text encoder change, else every step; with a text-encoder LoRA training, with gradients."""
 
-    def __init__(self, backbone: Backbone, cache: bool):
-        self.backbone, self.cache = backbone, cache
-        self.store: Dict[Tuple[str, Tuple[int, int]], object] = {}
+    def __init__(self, backbone: Backbone, cache: bool, grad: bool = False):
+        self.backbone, self.cache, self.grad = backbone, cache, grad
+        self.by_size = getattr(backbone, "family", "") == "sdxl"  # SDXL's time ids depend on each image's size
+        self.store: Dict[tuple, object] = {}
+
+    def _key(self, caption: str, size: Tuple[int, int]) -> tuple:
+        if not self.by_size:
+            return (caption,)
+        return caption, (size.key() if isinstance(size, TrainSize) else tuple(size))
 
     def fill(self, pairs: Sequence[Tuple[str, Tuple[int, int]]], chunk: int = 16) -> None:
-        todo = sorted(set(pairs) - set(self.store))
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+        todo: Dict[tuple, Tuple[str, Tuple[int, int]]] = {}
+        for caption, size in pairs:
+            key = self._key(caption, size)
+            if key not in self.store:
+                todo.setdefault(key, (caption, size))
+        items = sorted(todo.items(), key=lambda item: repr(item[0]))
+        for start in range(0, len(items), chunk):
+            part = items[start:start + chunk]
             with torch.no_grad():
-                encoded = self.backbone.encode_prompts([c for c, _ in part], [s for _, s in part])
-            for j, key in enumerate(part):
+                encoded = self.backbone.encode_prompts([c for _, (c, _) in part], [s for _, (_, s) in part])
+            for j, (key, _) in enumerate(part):
                 self.store[key] = _select(encoded, j)
 
     def batch(self, captions: Sequence[str], sizes: Sequence[Tuple[int, int]]):
         if not self.cache:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
                 return self.backbone.encode_prompts(list(captions), list(sizes))
-        return _stack([self.store[(c, s)] for c, s in zip(captions, sizes)])
+        return _stack([self.store[self._key(c, s)] for c, s in zip(captions, sizes)])
 
 
 def _select(cond, index: int):
@@ -118,8 +134,9 @@ class _Loop:
         self.network, self.events, self.stop = network, events, stop
         self.plan = data.plan
         self.order = EpochOrder(data, config.batch_size, config.seed)
-        self.optimizer = build_optimizer(network.parameters(), config.optimizer, config.learning_rate,
-                                         config.weight_decay)
+        text_lr = config.learning_rate if config.text_encoder_lr is None else config.text_encoder_lr
+        self.optimizer = build_optimizer(network.parameter_groups(config.learning_rate, text_lr), config.optimizer,
+                                         config.learning_rate, config.weight_decay)
         self.scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
                                             self.plan.total_steps, config.lr_scheduler_num_cycles)
         self.facts = RunFacts(
@@ -130,7 +147,15 @@ class _Loop:
             tag_frequency=data.scan.tag_frequency(), dataset_dirs=data.scan.dataset_dirs(),
             bucket_counts=data.bucket_counts(), started_at=time.time(), session_id=new_session_id())
         self.latents: Optional[LatentCache] = None
-        self.text = _TextConditioning(backbone, cache=not captions_vary(config))
+        self.text = _TextConditioning(backbone, cache=not (captions_vary(config) or config.train_text_encoder),
+                                      grad=config.train_text_encoder)
+        if config.network == "dora" and config.train_text_encoder and backbone.family in ("sd2", "sdxl"):
+            logger.warning("A1111 applies LoRA to the OpenCLIP text encoder of SD2/SDXL through its fused attention "
+                           "weights, where its DoRA merge does not fit; the text-encoder part of this DoRA works in "
+                           "Forge, ComfyUI and diffusers")
+        if backbone.family == "sdxl" and config.resolution < 1024:
+            logger.warning("SDXL was trained at 1024 px; resolution %d trains it below its native size (set "
+                           "resolution: 1024, see configs/presets/sdxl_12gb.yaml)", config.resolution)
         self.losses: deque = deque(maxlen=50)
         self.step_times: deque = deque(maxlen=20)
 
@@ -138,7 +163,6 @@ class _Loop:
     def run(self, resume: bool) -> TrainResult:
         start_step = self._resume() if resume else 0
         self._prepare_caches()
-        loss_before = self._fixed_batch_loss(multiplier=0.0)
         self.events.emit(Started(self.run_folder.path, self.plan.total_steps, start_step,
                                  self.data.scan.num_images()))
         step = self._train_steps(start_step)
@@ -146,7 +170,9 @@ class _Loop:
         if stopped and not self.stop.save:
             self.run_folder.write_chart()
             self.events.emit(Finished(self.run_folder.path, None, step, stopped=True))
-            return TrainResult(self.run_folder.path, None, step, True, loss_before, None)
+            return TrainResult(self.run_folder.path, None, step, True)
+        # Both evaluations at the end (weight 0 is the base model), so nothing delays the first step.
+        loss_before = self._fixed_batch_loss(multiplier=0.0)
         loss_after = self._fixed_batch_loss(multiplier=1.0)
         lora_path = self._finish(step)
         logger.info("fixed-batch loss without the LoRA %.5f, with it %.5f", loss_before, loss_after)
@@ -177,8 +203,9 @@ class _Loop:
             self.latents = LatentCache(self.backbone, self.data, self.config.flip_aug)
         if self.text.cache:
             rng = caption_rng(self.config.seed, 0)
-            pairs = [(caption_for(self.config, r.caption, rng), bucket)
-                     for r, bucket in zip(self.data.scan.records, self.data.buckets)]
+            flips = (False, True) if self.config.flip_aug else (False,)
+            pairs = [(caption_for(self.config, r.caption, rng), self.data.train_size(i, flip))
+                     for i, r in enumerate(self.data.scan.records) for flip in flips]
             self.text.fill(pairs)
         logger.info("caches ready in %.1f s", time.perf_counter() - started)
 
@@ -207,7 +234,7 @@ class _Loop:
         rng = caption_rng(config.seed, micro_step)
         captions = [caption_for(config, self.data.scan.records[i].caption, rng) for i in indices]
         flips = [config.flip_aug and rng.random() < 0.5 for _ in indices]
-        sizes = [self.data.buckets[i] for i in indices]
+        sizes = [self.data.train_size(i, flip) for i, flip in zip(indices, flips)]
         if self.latents is not None:
             latents = self.latents.batch(indices, flips)
         else:
@@ -217,9 +244,12 @@ class _Loop:
         generator = noise_generator(config.seed, micro_step)
         noise = sample_noise(latents, generator, config.noise_offset)
         timesteps = sample_timesteps(len(indices), generator)
-        loss = self._loss(latents, noise, timesteps, self.text.batch(captions, sizes))
+        # A training text-encoder LoRA runs in the same mixed precision as the UNet; frozen encodings do not change.
+        with self._autocast(enabled=config.train_text_encoder):
+            cond = self.text.batch(captions, sizes)
+        loss = self._loss(latents, noise, timesteps, cond)
         if not torch.isfinite(loss):
-            raise TrainingError(self._diverged_message(micro_step // self.plan.accumulation + 1, float(loss)))
+            raise TrainingError(self._diverged_message(micro_step // self.plan.accumulation + 1, float(loss.detach())))
         (loss / self.plan.accumulation).backward()
         return float(loss.detach())
 
@@ -228,15 +258,18 @@ class _Loop:
         ac = backbone.alphas_cumprod
         noisy = add_noise(latents, noise, timesteps, ac)
         target = training_target(latents, noise, timesteps, ac, backbone.prediction_type)
-        autocast = AUTOCAST.get(config.mixed_precision)
-        with torch.autocast(device_type=backbone.device.type, dtype=autocast or torch.float32,
-                            enabled=autocast is not None):
+        with self._autocast():
             prediction = backbone.predict(noisy.to(backbone.dtype), timesteps.to(backbone.device),
                                           _to(cond, backbone.dtype))
         weights = None
         if config.min_snr_gamma and weights_enabled:
             weights = min_snr_weights(timesteps, ac, config.min_snr_gamma, backbone.prediction_type)
         return diffusion_loss(prediction, target, weights)
+
+    def _autocast(self, enabled: bool = True):
+        dtype = AUTOCAST.get(self.config.mixed_precision)
+        return torch.autocast(device_type=self.backbone.device.type, dtype=dtype or torch.float32,
+                              enabled=enabled and dtype is not None)
 
     def _optimizer_step(self, step: int) -> None:
         params = [p for p in self.network.parameters() if p.requires_grad]
@@ -324,13 +357,15 @@ class _Loop:
         with Image.open(samples[0]) as first:
             first.save(buffer, format="PNG")
         run.write_preview(buffer.getvalue())
+        self.lora_check = check_trained_lora(self.network, self.backbone, self.config, run.path,
+                                             self.data.scan.records[0].caption)
         run.write_chart()
         logger.info("saved %s", run.lora_path)
         return run.lora_path
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _fixed_batch_loss(self, multiplier: float, max_items: int = 8,
-                          timesteps: Sequence[int] = (100, 300, 500, 700, 900)) -> float:
+    def _fixed_batch_loss(self, multiplier: float, max_items: int = 4,
+                          timesteps: Sequence[int] = (100, 400, 700, 900)) -> float:
         """Mean loss over a fixed set of (image, timestep, noise), to compare with and without the LoRA."""
         config, records = self.config, self.data.scan.records
         rng = caption_rng(config.seed, -1)
@@ -339,14 +374,13 @@ class _Loop:
         generator = noise_generator(config.seed, 2**31 - 1)
         with torch.no_grad(), self.network.multiplier(multiplier):
             for i in range(min(max_items, len(records))):
-                bucket = self.data.buckets[i]
                 if self.latents is not None:
                     latent = self.latents.batch([i], [False])
                 else:
                     latent = self.backbone.encode_images(
                         load_pixels(self.data, [i], [False]).to(self.backbone.device, self.backbone.dtype)).float()
                 caption = caption_for(plain, records[i].caption, rng)
-                cond = self.backbone.encode_prompts([caption], [bucket])
+                cond = self.backbone.encode_prompts([caption], [self.data.train_size(i)])
                 for t in timesteps:
                     noise = sample_noise(latent, generator)
                     t_batch = torch.tensor([t], dtype=torch.long)

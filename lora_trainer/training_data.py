@@ -15,12 +15,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .backbones.base import TrainSize
 from .batches import batches_per_epoch, epoch_batches
 from .buckets import assign_bucket, make_buckets, square_bucket
 from .captions import build_caption
 from .config import TrainConfig
 from .dataset import DatasetScan, scan_dataset
-from .images import image_to_tensor, load_image
+from .errors import DatasetError
+from .images import cover_and_crop, image_to_tensor, load_image
 
 logger = logging.getLogger("lora_trainer")
 
@@ -54,6 +56,15 @@ class PreparedData:
 
     def bucket_counts(self) -> Dict[str, int]:
         return dict(Counter(f"{w}x{h}" for w, h in self.buckets))
+
+    def train_size(self, index: int, flip: bool = False) -> TrainSize:
+        """Record ``index``'s bucket, with its original size and the crop ``load_pixels`` takes (SDXL's size
+        conditioning). A mirrored image's crop is measured from the mirrored image's left edge."""
+        record, bucket = self.scan.records[index], self.buckets[index]
+        (resized_w, _), (left, top) = cover_and_crop((record.width, record.height), bucket)
+        if flip:
+            left = resized_w - bucket[0] - left
+        return TrainSize(bucket, (record.width, record.height), (top, left))
 
 
 def prepare_data(config: TrainConfig) -> PreparedData:
@@ -114,7 +125,11 @@ def load_pixels(data: PreparedData, indices: Sequence[int], flips: Sequence[bool
     tensors = []
     for i, flip in zip(indices, flips):
         record = data.scan.records[i]
-        tensors.append(image_to_tensor(load_image(record.path), data.buckets[i], flip=flip))
+        try:
+            image = load_image(record.path)  # the scan read only its header; a damaged body shows up here
+        except DatasetError as exc:
+            raise DatasetError(f"{exc}; remove or replace this image and start again") from None
+        tensors.append(image_to_tensor(image, data.buckets[i], flip=flip))
     return torch.stack(tensors)
 
 

@@ -323,9 +323,8 @@ SD1_MIN = {
     "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (4, 768),
 }
 REJECTED = {
-    "sdxl": ({**SD1_MIN, "conditioner.embedders.1.model.ln_final.weight": (1280,)}, "SDXL"),
-    "sd2": ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-             "cond_stage_model.model.ln_final.weight": (1024,)}, "Stable Diffusion 2"),
+    "sdxl-refiner": ({"model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+                      "conditioner.embedders.0.model.ln_final.weight": (1280,)}, "SDXL refiner"),
     "sd3": ({"model.diffusion_model.x_embedder.proj.weight": (1536, 16, 2, 2)}, "Stable Diffusion 3"),
     "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,)}, "Flux"),
     "lora": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "LoRA"),
@@ -367,7 +366,9 @@ def test_rejects_broken_inputs(tmp_path, tiny_sd1_files):
     }
     cases["not-diffusers"].mkdir()
     cases["sdxl-folder"].mkdir()
-    (cases["sdxl-folder"] / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (cases["sdxl-folder"] / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [null, null], '
+        '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
     cases["zero.safetensors"].write_bytes(b"")
     cases["truncated.safetensors"].write_bytes(data[: len(data) // 2])
     cases["garbage.safetensors"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
@@ -384,7 +385,7 @@ def test_rejects_broken_inputs(tmp_path, tiny_sd1_files):
     assert "empty" in messages["zero.safetensors"]
     assert "truncated" in messages["truncated.safetensors"]
     assert "Python objects" in messages["pickle.ckpt"]
-    assert "SDXL" in messages["sdxl-folder"]
+    assert "SDXL refiner" in messages["sdxl-folder"]
 
 
 def test_v_prediction_from_the_yaml_beside_the_checkpoint(tmp_path, tiny_sd1_files):

@@ -13,9 +13,45 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Un
 import torch
 from torch import nn
 
-# SD1/SD2: a tensor [B, 77*k, dim]. SDXL: {"crossattn": [B, 77*k, 2048], "vector": [B, 2816]}.
+# SD1/SD2: a tensor [B, 77*k, dim]. SDXL: a dict of tensors, whose keys only the backbone reads
+# (sgm: {"crossattn": [B, 77*k, 2048], "vector": [B, 2816]}; diffusers: crossattn, text_embeds, time_ids).
 Conditioning = Union[torch.Tensor, Dict[str, torch.Tensor]]
 Size = Tuple[int, int]  # (width, height) in pixels
+
+
+class TrainSize(tuple):
+    """A bucket size ``(width, height)`` that also says where its pixels came from.
+
+    It IS the plain ``(width, height)`` tuple, so a backbone that wants only the bucket size reads it as
+    before. SDXL is conditioned on more (its ``add_time_ids``): ``original_size``, the image's
+    ``(width, height)`` before resizing, and ``crop_top_left``, the ``(top, left)`` of the crop in the
+    resized image. Equality and hashing see only the bucket; use ``key()`` to tell two apart.
+    """
+
+    original_size: Size
+    crop_top_left: Tuple[int, int]
+
+    def __new__(cls, target: Sequence[int], original_size: Optional[Sequence[int]] = None,
+                crop_top_left: Sequence[int] = (0, 0)) -> TrainSize:
+        self = super().__new__(cls, (int(target[0]), int(target[1])))
+        self.original_size = tuple(int(v) for v in (original_size or target))
+        self.crop_top_left = (int(crop_top_left[0]), int(crop_top_left[1]))
+        return self
+
+    def __getnewargs__(self) -> tuple:
+        return (tuple(self), self.original_size, self.crop_top_left)
+
+    def key(self) -> tuple:
+        return tuple(self), self.original_size, self.crop_top_left
+
+
+def sdxl_time_ids(size: Sequence[int]) -> Tuple[int, int, int, int, int, int]:
+    """SDXL's six size numbers for a ``Size`` or ``TrainSize``, in its order:
+    original (height, width), crop (top, left), target (height, width). A plain size is its own original, uncropped."""
+    width, height = int(size[0]), int(size[1])
+    original = getattr(size, "original_size", (width, height))
+    top, left = getattr(size, "crop_top_left", (0, 0))
+    return original[1], original[0], top, left, height, width
 
 
 class Backbone(Protocol):
@@ -31,7 +67,11 @@ class Backbone(Protocol):
         """Pixels in [-1, 1], [B, 3, H, W] -> scaled latents [B, 4, H/8, W/8] (no grad)."""
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None) -> Conditioning:
-        """Prompts -> conditioning; gradients flow only when a text-encoder LoRA is attached and training."""
+        """Prompts -> conditioning; gradients flow only when a text-encoder LoRA is attached and training.
+
+        ``sizes`` holds each item's bucket ``(width, height)``; the training loop passes ``TrainSize`` values,
+        which also carry the original size and crop (SDXL backbones read them, the others ignore them).
+        """
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's output (epsilon or v) for integer timesteps in [0, 1000)."""

@@ -1,4 +1,8 @@
-"""The SD1 backbone over diffusers / transformers components (standalone mode, demo and tests).
+"""The SD1 / SD2 backbone over diffusers / transformers components (standalone mode, demo and tests).
+
+SD2 is SD1's layout with an OpenCLIP-H text encoder (converted to transformers' CLIPTextModel: 23 layers, the
+penultimate of the original 24, which is what SD2 conditions on) and, for the 768-v models, v-prediction.
+SDXL adds a second text encoder and size conditioning: ``diffusers_sdxl.DiffusersSDXLBackbone``.
 
 diffusers and transformers are imported inside the methods that need them, so importing this module is light.
 """
@@ -69,7 +73,7 @@ def _target_layers(root: nn.Module, block_classes: Sequence[str], conv3x3: bool)
 
 
 class DiffusersSDBackbone:
-    """SD1 (and later SD2) on diffusers' UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel.
+    """SD1 and SD2 on diffusers' UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel.
 
     The backbone does not copy the modules: ``generate`` builds its pipeline from the very same objects,
     so an attached LoRA (which replaces ``forward`` of the target layers) shows up in the samples.
@@ -81,6 +85,8 @@ class DiffusersSDBackbone:
                  dtype: Optional[torch.dtype] = None, clip_skip: int = 1):
         from diffusers import DDPMScheduler
 
+        if family not in ("sd1", "sd2", "sdxl"):
+            raise ConfigError(f"family {family!r}: use 'sd1', 'sd2' or 'sdxl'")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
         if clip_skip < 1:
@@ -92,19 +98,27 @@ class DiffusersSDBackbone:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.noise_scheduler_config = dict(noise_scheduler_config)
+        self.noise_scheduler_config = {**noise_scheduler_config, "prediction_type": prediction_type}
         self.family = family
         self.prediction_type = prediction_type
         self.model_name = model_name
         self.model_hash = model_hash
         self.clip_skip = clip_skip
-        for module in (unet, vae, text_encoder):
-            _move(module, device, dtype)
+        for module in self.models():
+            _move(module, device, self._dtype_of(module, dtype))
         first = next(unet.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = dtype if dtype is not None else first.dtype
+        self.vae_dtype = next(vae.parameters()).dtype
         scheduler = DDPMScheduler.from_config(self.noise_scheduler_config)
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32).clone()
+
+    def models(self) -> List[nn.Module]:
+        """Every module of the model, UNet first."""
+        return [self.unet, self.vae, self.text_encoder]
+
+    def _dtype_of(self, module: nn.Module, dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+        return dtype
 
     # ---- encoding -------------------------------------------------------------------------------------------
     @property
@@ -126,9 +140,10 @@ class DiffusersSDBackbone:
             latents = latents - shift
         return latents * self.vae.config.scaling_factor
 
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+    def tokenize(self, prompts: Sequence[str], tokenizer: Any = None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None) -> Conditioning:
         """Prompts -> [B, 77, dim] (A1111/kohya clip skip: layer -clip_skip, then the final layer norm).
@@ -143,7 +158,7 @@ class DiffusersSDBackbone:
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if isinstance(cond, dict):
-            raise TypeError("the SD1 backbone takes a conditioning tensor, not a dict")
+            raise TypeError("the SD1/SD2 backbone takes a conditioning tensor, not a dict")
         return self.unet(noisy_latents.to(self.device, self.dtype), timesteps.to(self.device),
                          encoder_hidden_states=cond.to(self.device, self.dtype)).sample
 
@@ -162,19 +177,28 @@ class DiffusersSDBackbone:
 
         blocks = UNET_ATTENTION_BLOCKS + (UNET_CONV_BLOCKS if conv else ())
         for path, layer in _target_layers(self.unet, blocks, conv3x3=conv):
-            add(kohya_name("lora_unet_", path), layer)
+            add(kohya_name("lora_unet_", self.unet_lora_path(path)), layer)
         if text_encoder:
-            for path, layer in _target_layers(self.text_encoder, TEXT_ENCODER_BLOCKS, conv3x3=False):
-                add(kohya_name("lora_te_", te_module_path(path)), layer)
+            for prefix, encoder in self.text_encoders():
+                for path, layer in _target_layers(encoder, TEXT_ENCODER_BLOCKS, conv3x3=False):
+                    add(kohya_name(prefix, te_module_path(path)), layer)
         return targets
+
+    def unet_lora_path(self, path: str) -> str:
+        """The module path a UNet layer's kohya name is built from: SD1/SD2 use the diffusers path itself."""
+        return path
+
+    def text_encoders(self) -> List[tuple]:
+        """(kohya prefix, text encoder) pairs."""
+        return [("lora_te_", self.text_encoder)]
 
     # ---- borrowing -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def borrow(self, gradient_checkpointing: bool = False) -> Iterator[DiffusersSDBackbone]:
-        """Freeze UNet, VAE and text encoder; on exit restore requires_grad, train/eval and checkpointing flags."""
+        """Freeze UNet, VAE and text encoder(s); on exit restore requires_grad, train/eval and checkpointing flags."""
         saved_gc = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", _MISSING))
                     for m in self.unet.modules() if hasattr(m, "gradient_checkpointing")]
-        frozen = FrozenModels(self.unet, self.vae, self.text_encoder)
+        frozen = FrozenModels(*self.models())
         with frozen:
             try:
                 if gradient_checkpointing:
@@ -197,10 +221,7 @@ class DiffusersSDBackbone:
         """DDIM (eta 0, SD's original sampler) on prompts encoded exactly as in training (same clip skip)."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        width, height = int(size[0]), int(size[1])
-        factor = self.vae_scale_factor
-        if width <= 0 or height <= 0 or width % factor or height % factor:
-            raise ConfigError(f"sample size {width}x{height}: width and height must be positive multiples of {factor}")
+        width, height = self.check_sample_size(size)
         prompts = list(prompts)
         # clip_sample is not a key of every scheduler's config and DDIM defaults it to True: SD latents must not clip.
         scheduler = DDIMScheduler.from_config(self.noise_scheduler_config, prediction_type=self.prediction_type,
@@ -209,20 +230,32 @@ class DiffusersSDBackbone:
                                        unet=self.unet, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        modules = (self.unet, self.vae, self.text_encoder)
+        with self.eval_mode(), torch.no_grad():
+            cond = self.encode_prompts(prompts)
+            uncond = self.encode_prompts([negative_prompt or ""] * len(prompts))
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+            result = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=int(steps),
+                          guidance_scale=float(guidance_scale), width=width, height=height,
+                          generator=generator, output_type="pil")
+        return list(result.images)
+
+    def check_sample_size(self, size: Size) -> tuple:
+        width, height = int(size[0]), int(size[1])
+        factor = self.vae_scale_factor
+        if width <= 0 or height <= 0 or width % factor or height % factor:
+            raise ConfigError(f"sample size {width}x{height}: width and height must be positive multiples of {factor}")
+        return width, height
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Every module in eval mode for the duration; the train/eval flags are put back afterwards."""
+        modules = self.models()
         modes = [[m.training for m in module.modules()] for module in modules]
         try:
             for module in modules:
                 module.eval()
-            with torch.no_grad():
-                cond = self.encode_prompts(prompts)
-                uncond = self.encode_prompts([negative_prompt or ""] * len(prompts))
-                generator = torch.Generator(device="cpu").manual_seed(int(seed))
-                result = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=int(steps),
-                              guidance_scale=float(guidance_scale), width=width, height=height,
-                              generator=generator, output_type="pil")
+            yield
         finally:
             for module, flags in zip(modules, modes):
                 for sub, flag in zip(module.modules(), flags):
                     sub.training = flag
-        return list(result.images)

@@ -146,7 +146,8 @@ def _unet_prefixes(config: Any) -> List[Tuple[str, str]]:
     pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
              ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
-             ("mid_block.resnets.1.", "middle_block.2.")]
+             ("mid_block.resnets.1.", "middle_block.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]  # SDXL
     for i in range(levels):
         for j in range(n):
             pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{i * (n + 1) + j + 1}.0."))

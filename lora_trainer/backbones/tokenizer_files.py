@@ -4,6 +4,9 @@ SD1's tokenizer (openai/clip-vit-large-patch14) is the original OpenAI CLIP BPE.
 same table (``bpe_simple_vocab_16e6.txt.gz``), so we can write ``vocab.json`` and ``merges.txt`` from it
 and never touch the model hub. ``CLIPTokenizer.from_pretrained(clip_tokenizer_dir())`` then gives the same
 ids as the hub tokenizer and as ``open_clip.tokenize``.
+
+The OpenCLIP text encoders (SD2's ViT-H, SDXL's second encoder bigG) use the same vocabulary but pad with
+"!" (id 0), as ``open_clip.tokenize`` does: ``clip_tokenizer_dir(OPEN_CLIP_PAD)``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ log = logging.getLogger("lora_trainer")
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
+OPEN_CLIP_PAD = "!"  # token 0: what open_clip pads with (SD2, SDXL's second text encoder)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 _N_MERGES = 49152 - 256 - 2  # as in OpenAI's CLIP: 48894 merges, 49408 tokens in all
 
@@ -87,8 +91,9 @@ def _merges(bpe_path: Path) -> List[str]:
     return lines[1:_N_MERGES + 1]  # line 0 is a version header, as in open_clip's SimpleTokenizer
 
 
-def write_clip_tokenizer(folder: Path) -> None:
-    """Write the four tokenizer files of openai/clip-vit-large-patch14 into ``folder``."""
+def write_clip_tokenizer(folder: Path, pad_token: str = EOS) -> None:
+    """Write the four tokenizer files of openai/clip-vit-large-patch14 (pad ``<|endoftext|>``) into ``folder``;
+    with ``pad_token="!"`` those of SD2 / SDXL's ``tokenizer_2`` (OpenCLIP)."""
     merges = _merges(open_clip_bpe_path())
     byte_chars = list(_bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
@@ -100,7 +105,7 @@ def write_clip_tokenizer(folder: Path) -> None:
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     # transformers skips the first line of merges.txt (a version header) like open_clip does.
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": 77,
@@ -118,13 +123,15 @@ def has_tokenizer(folder: Path) -> bool:
     return all((folder / name).is_file() for name in TOKENIZER_FILES) or (folder / "tokenizer.json").is_file()
 
 
-def clip_tokenizer_dir() -> Path:
+def clip_tokenizer_dir(pad_token: str = EOS) -> Path:
     """A folder ``CLIPTokenizer.from_pretrained`` loads offline; created once in the cache."""
-    target = cache_root() / "clip_tokenizer"
+    if pad_token not in (EOS, OPEN_CLIP_PAD):
+        raise ValueError(f"pad token {pad_token!r}: use {EOS!r} (CLIP) or {OPEN_CLIP_PAD!r} (OpenCLIP)")
+    target = cache_root() / ("clip_tokenizer" if pad_token == EOS else "open_clip_tokenizer")
     if target.is_dir() and all((target / name).is_file() for name in TOKENIZER_FILES):
         return target
     if target.is_dir():  # incomplete (should not happen: we rename complete folders only); rebuild it
         log.warning("rebuilding incomplete tokenizer folder %s", target)
         shutil.rmtree(target, ignore_errors=True)
     log.info("writing the CLIP tokenizer files to %s", target)
-    return build_atomically(target, write_clip_tokenizer)
+    return build_atomically(target, lambda folder: write_clip_tokenizer(folder, pad_token))
