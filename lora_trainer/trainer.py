@@ -10,29 +10,33 @@ import io
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import checkpoints
 from .backbones.base import Backbone, TrainSize
 from .config import TrainConfig
-from .diffusion import (add_noise, diffusion_loss, min_snr_weights, noise_generator, sample_noise,
-                        sample_timesteps, training_target)
-from .errors import TrainingError
-from .events import CheckpointSaved, EventBus, Finished, Progress, SampleSaved, Started, StopRequest
+from .diffusion import (
+    add_noise,
+    diffusion_loss,
+    min_snr_weights,
+    noise_generator,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
+from .events import EventBus, Finished, SampleSaved, Started, StopRequest
 from .files import write_atomic
+from .loop_base import LoopBase
 from .lora_check import check_trained_lora
 from .lora_file import read_lora_file, save_lora_file
 from .metadata import RunFacts, lora_metadata, new_session_id, sidecar_json
 from .network import LoraNetwork
 from .optim import build_lr_scheduler, build_optimizer
 from .run_folder import RunFolder
-from .training_data import (EpochOrder, LatentCache, PreparedData, caption_for, caption_rng, captions_vary,
-                            load_pixels)
+from .training_data import EpochOrder, LatentCache, PreparedData, caption_for, caption_rng, captions_vary, load_pixels
 
 logger = logging.getLogger("lora_trainer")
 
@@ -127,12 +131,13 @@ def _to(cond, dtype: torch.dtype):
     return cond.to(dtype)
 
 
-class _Loop:
+class _Loop(LoopBase):
+    STATE_KEY = "network"
+
     def __init__(self, config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunFolder,
                  network: LoraNetwork, events: EventBus, stop: StopRequest):
-        self.config, self.backbone, self.data, self.run_folder = config, backbone, data, run
-        self.network, self.events, self.stop = network, events, stop
-        self.plan = data.plan
+        super().__init__(config, data.plan, run, events, stop)
+        self.backbone, self.data, self.network = backbone, data, network
         self.order = EpochOrder(data, config.batch_size, config.seed)
         text_lr = config.learning_rate if config.text_encoder_lr is None else config.text_encoder_lr
         self.optimizer = build_optimizer(network.parameter_groups(config.learning_rate, text_lr), config.optimizer,
@@ -156,8 +161,6 @@ class _Loop:
         if backbone.family == "sdxl" and config.resolution < 1024:
             logger.warning("SDXL was trained at 1024 px; resolution %d trains it below its native size (set "
                            "resolution: 1024, see configs/presets/sdxl_12gb.yaml)", config.resolution)
-        self.losses: deque = deque(maxlen=50)
-        self.step_times: deque = deque(maxlen=20)
 
     # -- phases ----------------------------------------------------------------------------------
     def run(self, resume: bool) -> TrainResult:
@@ -179,24 +182,6 @@ class _Loop:
         self.events.emit(Finished(self.run_folder.path, lora_path, step, stopped=stopped))
         return TrainResult(self.run_folder.path, lora_path, step, stopped, loss_before, loss_after)
 
-    def _resume(self) -> int:
-        folder = checkpoints.latest_checkpoint(self.run_folder.path)
-        if folder is None:
-            raise TrainingError(f"{self.run_folder.path}: no checkpoint to resume from "
-                                "(set save_steps to write checkpoints during training)")
-        state = checkpoints.load_checkpoint_state(folder)
-        with torch.no_grad():
-            params = dict(self.network.named_parameters())
-            for name, value in state["network"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.losses.extend(state.get("recent_losses", []))
-        step = int(state["step"])
-        self.run_folder.truncate_metrics(step)
-        logger.info("resuming %s from step %d (%s)", self.run_folder.name, step, folder.name)
-        return step
-
     def _prepare_caches(self) -> None:
         started = time.perf_counter()
         if self.config.cache_latents:
@@ -209,24 +194,13 @@ class _Loop:
             self.text.fill(pairs)
         logger.info("caches ready in %.1f s", time.perf_counter() - started)
 
-    def _train_steps(self, start_step: int) -> int:
-        step, started, accum = start_step, time.perf_counter(), self.plan.accumulation
-        while step < self.plan.total_steps:
-            if self.stop.is_set():
-                logger.info("stop requested at step %d", step)
-                break
-            t0 = time.perf_counter()
-            loss = sum(self._micro_step(step * accum + k) for k in range(accum)) / accum
-            self._optimizer_step(step)
-            step += 1
-            self.step_times.append(time.perf_counter() - t0)
-            self._report(step, loss, time.perf_counter() - started, step - start_step)
-            if self.config.save_steps and step % self.config.save_steps == 0 and step < self.plan.total_steps:
-                self._save_checkpoint(step)
-            if (self.config.sample_every_n_steps and step % self.config.sample_every_n_steps == 0
-                    and step < self.plan.total_steps):
-                self._render_samples(step)
-        return step
+    def _trainable(self) -> Dict[str, torch.nn.Parameter]:
+        return dict(self.network.named_parameters())
+
+    def _after_step(self, step: int) -> None:
+        if (self.config.sample_every_n_steps and step % self.config.sample_every_n_steps == 0
+                and step < self.plan.total_steps):
+            self._render_samples(step)
 
     def _micro_step(self, micro_step: int) -> float:
         config, backbone = self.config, self.backbone
@@ -248,8 +222,7 @@ class _Loop:
         with self._autocast(enabled=config.train_text_encoder):
             cond = self.text.batch(captions, sizes)
         loss = self._loss(latents, noise, timesteps, cond)
-        if not torch.isfinite(loss):
-            raise TrainingError(self._diverged_message(micro_step // self.plan.accumulation + 1, float(loss.detach())))
+        self._check_finite(loss, micro_step)
         (loss / self.plan.accumulation).backward()
         return float(loss.detach())
 
@@ -271,35 +244,6 @@ class _Loop:
         return torch.autocast(device_type=self.backbone.device.type, dtype=dtype or torch.float32,
                               enabled=enabled and dtype is not None)
 
-    def _optimizer_step(self, step: int) -> None:
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        if self.config.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            if not torch.isfinite(norm):
-                raise TrainingError(self._diverged_message(step + 1, float(norm), what="gradient norm"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _diverged_message(self, step: int, value: float, what: str = "loss") -> str:
-        last = checkpoints.latest_checkpoint(self.run_folder.path)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return (f"the {what} became {value} at step {step}; training stopped and {kept}. Lower learning_rate, "
-                "or use mixed_precision: bf16 or no")
-
-    def _report(self, step: int, loss: float, elapsed: float, steps_this_session: int) -> None:
-        self.losses.append(loss)
-        seconds_per_step = sum(self.step_times) / len(self.step_times)
-        lr = self.scheduler.get_last_lr()[0]
-        event = Progress(step=step, total_steps=self.plan.total_steps, epoch=self.plan.epoch_of_step(step),
-                         loss=loss, avg_loss=sum(self.losses) / len(self.losses), lr=lr,
-                         it_per_s=1.0 / seconds_per_step if seconds_per_step else 0.0,
-                         eta_s=seconds_per_step * (self.plan.total_steps - step), elapsed_s=elapsed)
-        self.run_folder.append_metrics([{
-            "step": step, "epoch": event.epoch, "loss": f"{loss:.6f}", "avg_loss": f"{event.avg_loss:.6f}",
-            "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}"}])
-        self.events.emit(event)
-
     # -- saving ----------------------------------------------------------------------------------
     def _precision(self) -> str:
         if self.config.save_precision != "auto":
@@ -311,23 +255,9 @@ class _Loop:
         return lora_metadata(self.config, self.facts, step, self.plan.epoch_of_step(step), rank, alpha,
                              self.config.conv_rank, self.config.conv_alpha)
 
-    def _save_checkpoint(self, step: int) -> Path:
-        state = {
-            "step": step,
-            "network": {n: p.detach().cpu().clone() for n, p in self.network.named_parameters()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "recent_losses": list(self.losses),
-        }
-        tensors, metadata = self.network.kohya_state_dict(), self._metadata(step)
+    def _write_checkpoint_files(self, folder: Path, step: int) -> None:
         name = f"{self.run_folder.name}-step{step:06d}.safetensors"
-        folder = checkpoints.save_checkpoint(
-            self.run_folder.path, step, state,
-            lambda tmp: save_lora_file(tmp / name, tensors, metadata, self._precision()))
-        checkpoints.prune_checkpoints(self.run_folder.path, self.config.keep_checkpoints)
-        logger.info("checkpoint saved: %s", folder)
-        self.events.emit(CheckpointSaved(step, folder))
-        return folder
+        save_lora_file(folder / name, self.network.kohya_state_dict(), self._metadata(step), self._precision())
 
     def _render_samples(self, step: int) -> List[Path]:
         config = self.config
@@ -346,8 +276,7 @@ class _Loop:
 
     def _finish(self, step: int) -> Path:
         run = self.run_folder
-        if not (run.path / "checkpoints" / f"checkpoint-{step:06d}").is_dir():
-            self._save_checkpoint(step)  # lets "extend" continue this run later
+        self._ensure_final_checkpoint(step)
         save_lora_file(run.lora_path, self.network.kohya_state_dict(), self._metadata(step), self._precision())
         run.write_sidecar(sidecar_json(self.config, self.facts))
         samples = self._render_samples(step)

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections import deque
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from .. import checkpoints
 from ..batches import batches_per_epoch, epoch_batches
 from ..config import TrainConfig
-from ..errors import TrainingError
-from ..events import CheckpointSaved, EventBus, Finished, Progress, Started, StopRequest
+from ..events import EventBus, Finished, Started, StopRequest
+from ..loop_base import LoopBase
 from ..optim import build_lr_scheduler, build_optimizer
 from ..run_folder import RunFolder
 from ..trainer import AUTOCAST, TrainResult
@@ -56,22 +53,19 @@ class SequenceOrder:
         return self._batches[position]
 
 
-class TextLoop:
+class TextLoop(LoopBase):
     def __init__(self, config: TrainConfig, model, tokenizer, data: TokenizedData, run: RunFolder,
                  events: EventBus, stop: StopRequest):
-        self.config, self.model, self.tokenizer, self.data = config, model, tokenizer, data
-        self.run_folder, self.events, self.stop = run, events, stop
+        super().__init__(config, plan_steps(config, len(data.sequences)), run, events, stop)
+        self.model, self.tokenizer, self.data = model, tokenizer, data
         self.device = next(model.parameters()).device
         self.pad_id = pad_token_id(tokenizer)
-        self.plan = plan_steps(config, len(data.sequences))
         self.order = SequenceOrder(len(data.sequences), config.batch_size, config.seed, self.plan)
         self.params = lora_parameters(model)
         self.optimizer = build_optimizer(self.params.values(), config.optimizer, config.learning_rate,
                                          config.weight_decay)
         self.scheduler = build_lr_scheduler(self.optimizer, config.lr_scheduler, config.lr_warmup_steps,
                                             self.plan.total_steps, config.lr_scheduler_num_cycles)
-        self.losses: deque = deque(maxlen=50)
-        self.step_times: deque = deque(maxlen=20)
 
     @property
     def adapter_dir(self) -> Path:
@@ -96,42 +90,6 @@ class TextLoop:
         self.events.emit(Finished(self.run_folder.path, adapter, step, stopped=stopped))
         return TrainResult(self.run_folder.path, adapter, step, stopped, loss_before, loss_after)
 
-    def _resume(self) -> int:
-        folder = checkpoints.latest_checkpoint(self.run_folder.path)
-        if folder is None:
-            raise TrainingError(f"{self.run_folder.path}: no checkpoint to resume from "
-                                "(set save_steps to write checkpoints during training)")
-        state = checkpoints.load_checkpoint_state(folder)
-        if set(state.get("lora", {})) != set(self.params):
-            raise TrainingError(f"{folder}: the checkpoint's LoRA layers do not match this model and config; "
-                                "resume with the run's own config.yaml and base model")
-        with torch.no_grad():
-            for name, value in state["lora"].items():
-                self.params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.losses.extend(state.get("recent_losses", []))
-        step = int(state["step"])
-        self.run_folder.truncate_metrics(step)
-        logger.info("resuming %s from step %d (%s)", self.run_folder.name, step, folder.name)
-        return step
-
-    def _train_steps(self, start_step: int) -> int:
-        step, started, accum = start_step, time.perf_counter(), self.plan.accumulation
-        while step < self.plan.total_steps:
-            if self.stop.is_set():
-                logger.info("stop requested at step %d", step)
-                break
-            t0 = time.perf_counter()
-            loss = sum(self._micro_step(step * accum + k) for k in range(accum)) / accum
-            self._optimizer_step(step)
-            step += 1
-            self.step_times.append(time.perf_counter() - t0)
-            self._report(step, loss, time.perf_counter() - started)
-            if self.config.save_steps and step % self.config.save_steps == 0 and step < self.plan.total_steps:
-                self._save_checkpoint(step)
-        return step
-
     def _micro_step(self, micro_step: int) -> float:
         batch = collate([self.data.sequences[i] for i in self.order.micro_batch(micro_step)], self.pad_id)
         # Dropout inside the base model draws from the global RNG: seed it per micro-step, so a resumed
@@ -139,8 +97,7 @@ class TextLoop:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.config.seed * 1_000_003 + micro_step)
             loss = self._loss(batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(self._diverged_message(micro_step // self.plan.accumulation + 1, float(loss)))
+            self._check_finite(loss, micro_step)
             (loss / self.plan.accumulation).backward()
         return float(loss.detach())
 
@@ -152,54 +109,14 @@ class TextLoop:
                                 attention_mask=batch["attention_mask"].to(self.device), use_cache=False).logits
         return causal_lm_loss(logits, batch["labels"])
 
-    def _optimizer_step(self, step: int) -> None:
-        if self.config.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.max_grad_norm)
-            if not torch.isfinite(norm):
-                raise TrainingError(self._diverged_message(step + 1, float(norm), what="gradient norm"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def _trainable(self):
+        return self.params
 
-    def _diverged_message(self, step: int, value: float, what: str = "loss") -> str:
-        last = checkpoints.latest_checkpoint(self.run_folder.path)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return (f"the {what} became {value} at step {step}; training stopped and {kept}. Lower learning_rate, "
-                "or use mixed_precision: bf16 or no")
-
-    def _report(self, step: int, loss: float, elapsed: float) -> None:
-        self.losses.append(loss)
-        seconds_per_step = sum(self.step_times) / len(self.step_times)
-        lr = self.scheduler.get_last_lr()[0]
-        event = Progress(step=step, total_steps=self.plan.total_steps, epoch=self.plan.epoch_of_step(step),
-                         loss=loss, avg_loss=sum(self.losses) / len(self.losses), lr=lr,
-                         it_per_s=1.0 / seconds_per_step if seconds_per_step else 0.0,
-                         eta_s=seconds_per_step * (self.plan.total_steps - step), elapsed_s=elapsed)
-        self.run_folder.append_metrics([{
-            "step": step, "epoch": event.epoch, "loss": f"{loss:.6f}", "avg_loss": f"{event.avg_loss:.6f}",
-            "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}"}])
-        self.events.emit(event)
-
-    # -- saving ----------------------------------------------------------------------------------
-    def _save_checkpoint(self, step: int) -> Path:
-        state = {
-            "step": step,
-            "lora": {name: p.detach().cpu().clone() for name, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "recent_losses": list(self.losses),
-        }
-        name = self.run_folder.name
-        folder = checkpoints.save_checkpoint(self.run_folder.path, step, state,
-                                             lambda tmp: save_adapter(self.model, tmp / name))
-        checkpoints.prune_checkpoints(self.run_folder.path, self.config.keep_checkpoints)
-        logger.info("checkpoint saved: %s", folder)
-        self.events.emit(CheckpointSaved(step, folder))
-        return folder
+    def _write_checkpoint_files(self, folder: Path, step: int) -> None:
+        save_adapter(self.model, folder / self.run_folder.name)
 
     def _finish(self, step: int) -> Path:
-        if not checkpoints.checkpoint_dir(self.run_folder.path, step).is_dir():
-            self._save_checkpoint(step)  # lets a later run continue from here
+        self._ensure_final_checkpoint(step)
         save_adapter(self.model, self.adapter_dir)
         self.run_folder.write_chart()
         logger.info("saved the adapter: %s (copy this folder into text-generation-webui's loras/)", self.adapter_dir)
