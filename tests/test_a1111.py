@@ -153,10 +153,9 @@ def test_refusals(sd_model):
         layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
         with pytest.raises(ModelError, match="fp8"):
             A1111Backbone(sd_model)
-    sd2_like = types.SimpleNamespace(is_sd2=True, is_sdxl=False, model=sd_model.model,
-                                     cond_stage_model=sd_model.cond_stage_model)
-    with pytest.raises(ModelError, match="SD2"):
-        A1111Backbone(sd2_like)
+    sd3_like = types.SimpleNamespace(is_sd3=True, model=sd_model.model)
+    with pytest.raises(ModelError, match="SD3"):
+        A1111Backbone(sd3_like)
 
 
 def make_host(sd_model, tmp_path, networks=None):

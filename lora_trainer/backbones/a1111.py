@@ -2,7 +2,9 @@
 
 Nothing here imports the WebUI: the glue in ``scripts/`` hands over the model object and, where
 needed, the WebUI's ``networks`` module, a renderer and (SDXL) a conditioning factory. SD1/SD2 are
-ldm ``LatentDiffusion`` objects, SDXL an sgm ``DiffusionEngine`` (webui_internals.md §2.1); the
+ldm ``LatentDiffusion`` objects (SD2 768-v with ``parameterization == "v"``), SDXL an sgm ``DiffusionEngine``
+(webui_internals.md §2.1). Text-encoder LoRA works on SD1's HF CLIP only: SD2's encoder and SDXL's second
+are open_clip, whose fused attention A1111 patches only with q, k, v and out all present (§3.2). The
 WebUI's own ``get_learned_conditioning``, ``encode_first_stage`` and ``apply_model`` do the work,
 so clip skip, emphasis and long prompts behave as in txt2img.
 """
@@ -21,6 +23,7 @@ from .base import FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off
 from .original_unet import (
     SamplingFallback,
+    encode_by_size,
     first_float_param,
     hf_clip_targets,
     refuse_low_bit,
@@ -76,10 +79,8 @@ class A1111Backbone(SamplingFallback):
         self.sd_model = sd_model
         self.unet: nn.Module = sd_model.model.diffusion_model
         self.family = detect_family(sd_model)
-        if self.family == "sd2":
-            raise ModelError("the loaded checkpoint is SD2; training on the WebUI's model supports SD1 and SDXL "
-                             "so far. Load an SD1.x or SDXL checkpoint, or train SD2 standalone")
         refuse_low_bit(self.unet, "Settings > Optimizations > FP8 weight")
+        # SD2 768-v: ldm's LatentDiffusion reads ``parameterization: "v"`` from the checkpoint's yaml (§2.1)
         self.prediction_type = "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
         schedule = getattr(sd_model, "alphas_cumprod_original", None)
         self.alphas_cumprod = (schedule if schedule is not None else sd_model.alphas_cumprod).detach().float().cpu()
@@ -108,18 +109,8 @@ class A1111Backbone(SamplingFallback):
         if self.family != "sdxl" or self.make_conditioning is None:
             return self.sd_model.get_learned_conditioning(list(prompts))
         # SDXL's size conditioning is per call (SdConditioning.width/height): encode each size group apart.
-        sizes = list(sizes) if sizes else [(1024, 1024)] * len(prompts)
-        groups: Dict[Size, list] = {}
-        for i, size in enumerate(sizes):
-            groups.setdefault(tuple(size), []).append(i)
-        parts, order = [], []
-        for size, indices in groups.items():
-            batch = self.make_conditioning([prompts[i] for i in indices], size)
-            parts.append(self.sd_model.get_learned_conditioning(batch))
-            order += indices
-        cond = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-        inverse = torch.argsort(torch.tensor(order))
-        return {k: v[inverse.to(v.device)] for k, v in cond.items()}
+        return encode_by_size(prompts, sizes, lambda group, size: self.sd_model.get_learned_conditioning(
+            self.make_conditioning(group, size)))
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         return self.sd_model.apply_model(noisy_latents, timesteps.to(self.device), cond)
@@ -142,6 +133,9 @@ class A1111Backbone(SamplingFallback):
         if self.family == "sdxl":
             raise ModelError("text-encoder LoRA on the WebUI's SDXL model is not supported yet (its second "
                              "encoder is open_clip); set train_text_encoder: false or train standalone")
+        if self.family == "sd2":
+            raise ModelError("text-encoder LoRA on the WebUI's SD2 model is not supported yet (its encoder is "
+                             "open_clip, with fused attention); set train_text_encoder: false or train standalone")
         cond = self.sd_model.cond_stage_model
         transformer = getattr(getattr(cond, "wrapped", cond), "transformer", None)
         if transformer is None:

@@ -9,7 +9,12 @@ Forge differs from A1111 in ways that matter for training (webui_internals.md §
 - its Linear layers are Forge's own class (LoRA attaches to them through ``network._lycoris_view``);
 - LoRAs are patched in by replacing Parameter objects and cached by file name; ``refresh_loras()``
   on the original patchers undoes that;
-- low-bit storage (fp8, nf4, gguf) cannot be trained.
+- low-bit storage (fp8, nf4, gguf) cannot be trained;
+- ``get_learned_conditioning`` runs under ``@torch.inference_mode()``: when a text-encoder LoRA trains, the
+  undecorated function (``__wrapped__``) is called so that gradients reach it;
+- its text encoders are all HF CLIP (``clip_l`` SD1/SDXL, ``clip_h`` SD2, ``clip_g`` SDXL), so kohya's
+  ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` names apply to each; SDXL's size conditioning is read from the
+  prompt object (``width``/``height``), so prompts are encoded one call per bucket size.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from torch import nn
 from ..errors import ModelError
 from .base import FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off
-from .original_unet import SamplingFallback, hf_clip_targets, unet_blocks, unet_lora_targets
+from .original_unet import SamplingFallback, encode_by_size, hf_clip_targets, unet_blocks, unet_lora_targets
 
 logger = logging.getLogger("lora_trainer")
 
 TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
+# JointTextEncoder entry -> kohya prefix, per family (webui_internals.md §3.5: te/te1 for clip_l or clip_h, te2 for G)
+TE_PREFIXES = {"sd1": {"clip_l": "lora_te_"}, "sd2": {"clip_h": "lora_te_"},
+               "sdxl": {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}}
 
 
 def _clone(value):
@@ -71,12 +79,10 @@ class ForgeBackbone(SamplingFallback):
                  make_conditioning: Optional[Callable] = None):
         for flag, name in (("is_sd3", "SD3"), ("is_flux", "Flux")):
             if getattr(sd_model, flag, False):
-                raise ModelError(f"the loaded checkpoint is {name}; training supports SD1 and SDXL checkpoints")
+                raise ModelError(f"the loaded checkpoint is {name}; training supports SD1, SD2 and SDXL checkpoints")
         self.sd_model = sd_model
         self.family = "sdxl" if getattr(sd_model, "is_sdxl", False) else (
             "sd2" if getattr(sd_model, "is_sd2", False) else "sd1")
-        if self.family == "sd2":
-            raise ModelError("the loaded checkpoint is SD2; training on Forge's model supports SD1 and SDXL so far")
         kmodel = sd_model.forge_objects.unet.model
         storage = getattr(kmodel, "storage_dtype", None)
         if storage is not None and storage not in TRAINABLE_STORAGE:
@@ -110,13 +116,18 @@ class ForgeBackbone(SamplingFallback):
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None):
         if self.family != "sdxl" or self.make_conditioning is None:
-            return _clone(self.sd_model.get_learned_conditioning(list(prompts)))
-        sizes = list(sizes) if sizes else [(1024, 1024)] * len(prompts)
-        if len(set(map(tuple, sizes))) > 1:  # one size per call, as Forge reads it from the prompt object
-            parts = [self.encode_prompts([p], [s]) for p, s in zip(prompts, sizes)]
-            return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-        batch = self.make_conditioning(list(prompts), tuple(sizes[0]))
-        return _clone(self.sd_model.get_learned_conditioning(batch))
+            return self._learned_conditioning(list(prompts))
+        # one size per call, as Forge reads it from the prompt object
+        return encode_by_size(prompts, sizes, lambda group, size: self._learned_conditioning(
+            self.make_conditioning(group, size)))
+
+    def _learned_conditioning(self, prompts):
+        encode = self.sd_model.get_learned_conditioning
+        if torch.is_grad_enabled():  # a text-encoder LoRA is training: step around @torch.inference_mode()
+            inner = getattr(encode, "__wrapped__", None)
+            if inner is not None:
+                return inner(self.sd_model, prompts)
+        return _clone(encode(prompts))  # inference tensors -> ordinary ones
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         if isinstance(cond, dict):
@@ -126,11 +137,11 @@ class ForgeBackbone(SamplingFallback):
     def lora_targets(self, conv: bool = False, text_encoder: bool = False) -> Dict[str, nn.Module]:
         targets = unet_lora_targets(self.unet, self.family, conv)
         if text_encoder:
-            encoders = self._text_encoders()
-            prefixes = {"clip_l": "lora_te1_" if self.family == "sdxl" else "lora_te_", "clip_g": "lora_te2_"}
-            for key, encoder in encoders.items():
-                if key not in prefixes:
-                    raise ModelError(f"text-encoder LoRA is not supported for Forge's {key} yet")
+            prefixes = TE_PREFIXES[self.family]
+            for key, encoder in self._text_encoders().items():
+                if key not in prefixes or not hasattr(encoder, "transformer"):
+                    raise ModelError(f"text-encoder LoRA is not supported for Forge's {key} on {self.family.upper()} "
+                                     "yet; set train_text_encoder: false")
                 targets.update(hf_clip_targets(encoder.transformer, prefixes[key]))
         return targets
 

@@ -7,7 +7,7 @@ checkpointing on safely, and renders samples with the fallback sampler when the 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -85,6 +85,25 @@ def hf_clip_targets(transformer: nn.Module, prefix: str) -> Dict[str, nn.Module]
     return {prefix + te_module_path(path).replace(".", "_"): layer
             for path, layer in transformer.named_modules()
             if is_linear_like(layer) and (".self_attn." in path or ".mlp." in path)}
+
+
+def encode_by_size(prompts: Sequence[str], sizes: Optional[Sequence[Size]],
+                   encode: Callable[[List[str], Size], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """SDXL conditioning from a WebUI, whose size conditioning is one per call (the prompt object's width/height):
+    ``encode(prompts, (width, height))`` once per bucket size, the results put back in prompt order."""
+    sizes = list(sizes) if sizes else [(1024, 1024)] * len(prompts)
+    groups: Dict[Size, List[int]] = {}
+    for i, size in enumerate(sizes):
+        groups.setdefault((int(size[0]), int(size[1])), []).append(i)
+    parts, order = [], []
+    for size, indices in groups.items():
+        parts.append(encode([prompts[i] for i in indices], size))
+        order += indices
+    if len(parts) == 1:
+        return parts[0]
+    cond = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    inverse = torch.argsort(torch.tensor(order))
+    return {k: v[inverse.to(v.device)] for k, v in cond.items()}
 
 
 def unet_blocks(unet: nn.Module) -> List[nn.Module]:

@@ -1,10 +1,14 @@
 """What AUTOMATIC1111 1.10 does to the model object, rebuilt from webui_internals.md, on the REAL ldm classes.
 
 - ``load_ldm_model``: A1111's ``sd_models.load_model`` in short: the ``<ckpt>.yaml`` beside the checkpoint,
-  ``instantiate_from_config`` with CLIP built from its config (A1111's ``DisableInitialization``), weights
-  loaded with ``strict=False``, eval mode, and the attributes A1111 adds (``sd_checkpoint_info``,
-  ``sd_model_hash``, ``is_sd1``, ``lowvram``). Not reproduced: the sd_hijack of the text encoder
-  (``FrozenCLIPEmbedderWithCustomWords``); our backbone only calls ``get_learned_conditioning``.
+  ``instantiate_from_config`` with CLIP built from its config (A1111's ``DisableInitialization``: HF CLIP from
+  its config, open_clip with ``pretrained=None``), weights loaded with ``strict=False``, eval mode, and the
+  attributes A1111 adds (``sd_checkpoint_info``, ``sd_model_hash``, ``is_sd1/is_sd2``, ``lowvram``). Not
+  reproduced: the sd_hijack of the text encoder (``FrozenCLIPEmbedderWithCustomWords`` /
+  ``FrozenOpenCLIPEmbedderWithCustomWords``); our backbone only calls ``get_learned_conditioning``.
+- ``write_tiny_sd2_checkpoint``: the tiny SD2-v model (tiny_families) as an original checkpoint with the
+  ``<ckpt>.yaml`` A1111 would read (v2-inference-v.yaml's shape: ldm's ``FrozenOpenCLIPEmbedder`` on a tiny
+  open_clip architecture registered with ``open_clip.add_model_config``, ``parameterization: "v"``).
 - ``Networks``: the part of the built-in Lora extension's ``networks`` module the trainer touches: in-place
   merges with CPU backups in ``network_weights_backup`` and the two restore functions (§3.4).
 - ``medvram_hooks``: ``lowvram.setup_for_low_vram``'s pattern: forward pre-hooks that move one part of
@@ -17,33 +21,107 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import types
 from pathlib import Path
 
 import torch
 
+TINY_OPEN_CLIP = "tiny-open-clip-sd2"  # the open_clip architecture name the tiny SD2's yaml asks for
+
+
+def register_tiny_open_clip(folder: Path) -> str:
+    """An open_clip model config whose text tower has the dims of tiny_families' SD2 text encoder, plus the extra
+    (24th-like) layer SD2 checkpoints carry; ``open_clip.add_model_config`` makes ``create_model`` know it."""
+    import open_clip
+
+    from lora_trainer.backbones.tiny_families import TINY_SD2_TEXT_ENCODER as te
+
+    assert te["hidden_act"] == "gelu"  # open_clip's default act (QuickGELU only with quick_gelu=True)
+    config = {"embed_dim": te["projection_dim"],
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 8, "patch_size": 16},
+              "text_cfg": {"context_length": te["max_position_embeddings"], "vocab_size": te["vocab_size"],
+                           "width": te["hidden_size"], "heads": te["num_attention_heads"],
+                           "layers": te["num_hidden_layers"] + 1,
+                           "mlp_ratio": te["intermediate_size"] / te["hidden_size"]}}
+    path = Path(folder) / f"{TINY_OPEN_CLIP}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config), encoding="utf-8")
+    open_clip.add_model_config(path)
+    return TINY_OPEN_CLIP
+
+
+def write_tiny_sd2_checkpoint(root: Path, seed: int = 0) -> dict:
+    """The tiny SD2-v as a diffusers folder and an original ``.safetensors`` with A1111's ``<ckpt>.yaml`` beside it."""
+    import yaml
+
+    from lora_trainer.backbones.tiny import ldm_yaml
+    from lora_trainer.backbones.tiny_families import build_tiny_sd2, save_tiny_folder, save_tiny_single_file
+
+    root = Path(root)
+    backbone = build_tiny_sd2(seed)
+    folder = save_tiny_folder(backbone, root / "tiny-sd2-folder")
+    checkpoint = root / "tiny-sd2.safetensors"
+    config_dir = save_tiny_single_file(backbone, checkpoint)
+    config = yaml.safe_load(ldm_yaml(backbone, ""))
+    params = config["model"]["params"]
+    assert params["parameterization"] == "v" and params["unet_config"]["params"]["use_linear_in_transformer"]
+    params["cond_stage_config"] = {  # v2-inference-v.yaml's, on the tiny architecture
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"arch": register_tiny_open_clip(root / "open_clip"), "version": "laion2b_s32b_b79k",
+                   "freeze": True, "layer": "penultimate"}}
+    checkpoint.with_suffix(".yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return {"folder": folder, "safetensors": checkpoint, "config": config_dir, "backbone": backbone}
+
+
+@contextlib.contextmanager
+def _disable_initialization():
+    """A1111's DisableInitialization: CLIP text models built from their config, open_clip without downloads."""
+    import open_clip
+    import transformers
+
+    original_clip = transformers.CLIPTextModel.from_pretrained
+    original_open_clip = open_clip.create_model_and_transforms
+
+    def from_config_only(path, *args, **kwargs):
+        return transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(path))
+
+    def create_without_pretrained(*args, **kwargs):
+        kwargs["pretrained"] = None
+        return original_open_clip(*args, **kwargs)
+
+    transformers.CLIPTextModel.from_pretrained = from_config_only
+    open_clip.create_model_and_transforms = create_without_pretrained
+    try:
+        yield
+    finally:
+        transformers.CLIPTextModel.from_pretrained = original_clip
+        open_clip.create_model_and_transforms = original_open_clip
+
+
+def _sequence_first(open_clip_model) -> None:
+    """ldm's FrozenOpenCLIPEmbedder feeds the resblocks [L, N, D], as open_clip 2.20 (A1111's pin) expects;
+    open_clip >= 2.21 builds them batch-first. Flip the flags back so the embedder computes what it does in A1111."""
+    open_clip_model.transformer.batch_first = False
+    for block in open_clip_model.transformer.resblocks:
+        block.attn.batch_first = False
+
 
 def load_ldm_model(checkpoint: Path, device: str = "cpu"):
-    import transformers
     from ldm.util import instantiate_from_config
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
     config = OmegaConf.load(str(Path(checkpoint).with_suffix(".yaml")))
     config.model.params.cond_stage_config.params.device = device
-    original = transformers.CLIPTextModel.from_pretrained
-
-    def from_config_only(path, *args, **kwargs):  # A1111: DisableInitialization(disable_clip=True)
-        return transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(path))
-
-    transformers.CLIPTextModel.from_pretrained = from_config_only
-    try:
+    with _disable_initialization():
         model = instantiate_from_config(config.model)
-    finally:
-        transformers.CLIPTextModel.from_pretrained = original
     state = load_file(str(checkpoint))
-    if not hasattr(model.cond_stage_model.transformer, "text_model"):
+    is_sd2 = hasattr(model.cond_stage_model, "model")  # A1111's set_model_type
+    if is_sd2:
+        _sequence_first(model.cond_stage_model.model)
+    elif not hasattr(model.cond_stage_model.transformer, "text_model"):
         # transformers >= 5.6 dropped CLIPTextModel.text_model (A1111's pinned 4.30 has it): same weights, new keys.
         state = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
                  for k, v in state.items()}
@@ -53,13 +131,14 @@ def load_ldm_model(checkpoint: Path, device: str = "cpu"):
                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                 "posterior_mean_coef1", "posterior_mean_coef2"}  # computed from the yaml, as in A1111
-    real_missing = [k for k in missing if k not in schedule and not k.startswith(("model_ema", "logvar"))]
+    real_missing = [k for k in missing if k not in schedule and not k.startswith(("model_ema", "logvar"))
+                    and k != "cond_stage_model.model.logit_scale"]  # the contrastive head's, not in our export
     assert not real_missing and not unexpected, (real_missing[:5], unexpected[:5])
     model.eval()
     model.sd_checkpoint_info = types.SimpleNamespace(name=Path(checkpoint).name, model_name=Path(checkpoint).stem,
                                                      shorthash="0123456789")
     model.sd_model_hash = "0123456789"
-    model.is_sd1, model.is_sd2, model.is_sdxl, model.lowvram = True, False, False, False
+    model.is_sd1, model.is_sd2, model.is_sdxl, model.lowvram = not is_sd2, is_sd2, False, False
     return model
 
 

@@ -11,6 +11,10 @@ the tiny test checkpoint:
   results of ``get_learned_conditioning`` and ``encode_first_stage``;
 - ``patch_lora`` replaces Parameter objects by merged ones and keeps the originals, as ``LoraLoader.refresh``
   does; ``refresh_loras()`` with no patches puts the originals back.
+SD2 (``sd20.StableDiffusion2``) too, from a checkpoint whose yaml names open_clip: the text encoder is ``clip_h``
+(HF, as Forge converts it), the predictor says ``v_prediction`` when the yaml has ``parameterization: "v"``. The
+stand-in's ``clip_h`` holds the layers SD2 conditions on (the diffusers conversion, 23 of 24 in the real model)
+and conditions on its last hidden state, where Forge keeps all 24 and skips the last.
 Not reproduced: the memory manager's partial loading, text-processing engines, samplers.
 """
 
@@ -80,11 +84,11 @@ class ForgeObjects:
 class ForgeModel:
     """The attributes of ``ForgeDiffusionEngine`` (sd15.StableDiffusion) that the trainer uses."""
 
-    def __init__(self, unet_patcher, clip, vae, tokenizer):
+    def __init__(self, unet_patcher, clip, vae, tokenizer, is_sd2: bool = False):
         self.forge_objects = ForgeObjects(unet_patcher, clip, vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.current_lora_hash = "[['x.safetensors', 1.0, 1.0, False]]"
-        self.is_sd1, self.is_sd2, self.is_sdxl = True, False, False
+        self.is_sd1, self.is_sd2, self.is_sdxl = not is_sd2, is_sd2, False
         self.first_stage_model = self.cond_stage_model = None  # as in Forge: no .model, no ldm parts
         self.sd_checkpoint_info = types.SimpleNamespace(name="tiny.safetensors", model_name="tiny", shorthash="abcd")
         self.tokenizer, self.vae = tokenizer, vae
@@ -93,7 +97,8 @@ class ForgeModel:
     def get_learned_conditioning(self, prompts):
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
-        return self.forge_objects.clip.cond_stage_model.clip_l.transformer(ids).last_hidden_state
+        encoder = self.forge_objects.clip.cond_stage_model["clip_h" if self.is_sd2 else "clip_l"]
+        return encoder.transformer(ids).last_hidden_state
 
     @torch.inference_mode()
     def encode_first_stage(self, x):
@@ -105,7 +110,7 @@ class ForgeModel:
 
 
 def load_forge_model(tiny_files: dict):
-    """The tiny test checkpoint as Forge would hold it."""
+    """The tiny test checkpoint (SD1, or SD2 when its yaml names open_clip) as Forge would hold it."""
     from diffusers import AutoencoderKL
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from omegaconf import OmegaConf
@@ -123,18 +128,20 @@ def load_forge_model(tiny_files: dict):
     folder = Path(tiny_files["folder"])
     text = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
     _to_inference(text)
-    clip_l = nn.Module()
-    clip_l.transformer = text
-    joint = nn.ModuleDict({"clip_l": clip_l})
-    integrated = types.SimpleNamespace(cond_stage_model=joint, patcher=Patcher(joint))
+    is_sd2 = config.model.params.cond_stage_config.target.endswith("FrozenOpenCLIPEmbedder")
+    integrated = nn.Module()
+    integrated.transformer = text
+    joint = nn.ModuleDict({"clip_h" if is_sd2 else "clip_l": integrated})
+    clip = types.SimpleNamespace(cond_stage_model=joint, patcher=Patcher(joint))
     vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
     kmodel = nn.Module()
     kmodel.diffusion_model = unet
+    v_prediction = config.model.params.get("parameterization", "eps") == "v"
     kmodel.predictor = types.SimpleNamespace(
-        alphas_cumprod=_schedule(config), prediction_type="epsilon")
+        alphas_cumprod=_schedule(config), prediction_type="v_prediction" if v_prediction else "epsilon")
     kmodel.storage_dtype = kmodel.computation_dtype = torch.float32
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    return ForgeModel(Patcher(kmodel), integrated, vae, tokenizer)
+    return ForgeModel(Patcher(kmodel), clip, vae, tokenizer, is_sd2)
 
 
 def _schedule(config) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""SD2 768-v inside A1111: ldm's LatentDiffusion with parameterization "v" and the open_clip text encoder
+(``FrozenOpenCLIPEmbedder``), built from ``<ckpt>.yaml`` as A1111 does (tests/standins/a1111.py)."""
+
+import pytest
+import torch
+from lora_helpers import network_as_trained
+
+from lora_trainer.backbones.a1111 import A1111Backbone
+from lora_trainer.config import TrainConfig
+from lora_trainer.demo import make_demo_dataset
+from lora_trainer.errors import ModelError
+from lora_trainer.lora_file import read_lora_file
+from lora_trainer.runner import run_training
+
+pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (installed with --no-deps by `make test`)")
+pytest.importorskip("open_clip")
+pytestmark = pytest.mark.slow
+
+from standins.a1111 import load_ldm_model, write_tiny_sd2_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd2_files(tmp_path_factory):
+    return write_tiny_sd2_checkpoint(tmp_path_factory.mktemp("tiny_sd2"))
+
+
+@pytest.fixture(scope="module")
+def sd2_model(sd2_files):
+    return load_ldm_model(sd2_files["safetensors"])
+
+
+def config(tmp_path, **changes):
+    dataset = make_demo_dataset(tmp_path / "data", count=2)
+    values = {"base_model": "(the WebUI's loaded model)", "train_data_dir": str(dataset), "output_dir": str(tmp_path),
+              "output_name": "v2", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
+              "bucket_reso_steps": 32, "lora_rank": 4, "learning_rate": 2e-3, "batch_size": 2,
+              "max_train_steps": 3, "sample_steps": 1, "seed": 3}
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+def test_sd2_model_is_recognised_with_kohyas_names(sd2_model, sd2_files):
+    assert type(sd2_model.cond_stage_model).__name__ == "FrozenOpenCLIPEmbedder"
+    assert not hasattr(sd2_model.cond_stage_model.model, "visual")
+    backbone = A1111Backbone(sd2_model)
+    assert (backbone.family, backbone.prediction_type) == ("sd2", "v_prediction")
+    reference = sd2_files["backbone"]
+    for conv in (False, True):
+        assert set(backbone.lora_targets(conv=conv)) == set(reference.lora_targets(conv=conv))
+    assert "lora_unet_down_blocks_1_attentions_0_proj_in" in backbone.lora_targets()  # a Linear (use_linear_in_...)
+    with torch.no_grad():  # A1111's open_clip conditioning is what the diffusers SD2 computes
+        prompts = ["a red circle, blue background", "a green square"]
+        assert (backbone.encode_prompts(prompts) - reference.encode_prompts(prompts)).abs().max() <= 1e-5
+
+
+def test_sd2_text_encoder_lora_is_refused_in_one_line(sd2_model, tmp_path):
+    backbone = A1111Backbone(sd2_model)
+    with pytest.raises(ModelError, match="open_clip") as caught:
+        backbone.lora_targets(text_encoder=True)
+    assert "\n" not in str(caught.value) and "SD2" in str(caught.value)
+    pristine = {k: v.clone() for k, v in sd2_model.state_dict().items()}
+    with pytest.raises(ModelError, match="open_clip"):
+        run_training(config(tmp_path, train_text_encoder=True, max_train_steps=1), lambda c: backbone)
+    assert not any(p.requires_grad for p in sd2_model.cond_stage_model.parameters())
+    after = sd2_model.state_dict()
+    assert all(torch.equal(pristine[k], after[k]) for k in pristine)
+
+
+def test_sd2_file_trained_in_the_webui_reproduces_in_diffusers(sd2_model, sd2_files, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pristine = {k: v.clone() for k, v in sd2_model.state_dict().items()}
+    requires_grad = [p.requires_grad for p in sd2_model.parameters()]
+    backbone = A1111Backbone(sd2_model)
+    result = run_training(config(tmp_path), lambda c: backbone)
+    after = sd2_model.state_dict()
+    assert all(torch.equal(pristine[k], after[k]) for k in pristine), "the WebUI's weights changed"
+    assert [p.requires_grad for p in sd2_model.parameters()] == requires_grad
+
+    tensors, meta = read_lora_file(result.lora_path)
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v2", "True")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["ss_sd_model_name"] == "tiny-sd2"
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in tensors
+    assert not any(k.startswith("lora_te") for k in tensors)
+
+    network = network_as_trained(backbone.lora_targets(), 4, result.run_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd2_files["folder"]), safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.load_lora_weights(str(result.lora_path), adapter_name="v2")
+    gen = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([15, 900])
+    with torch.no_grad():
+        cond = backbone.encode_prompts(["a red circle", "a green square"])
+        base_webui = backbone.predict(x, t, cond)
+        with network.attached_to_model():
+            in_webui = backbone.predict(x, t, cond)
+        in_diffusers = pipe.unet(x, t, encoder_hidden_states=cond).sample
+        pipe.set_adapters(["v2"], [0.0])
+        base = pipe.unet(x, t, encoder_hidden_states=cond).sample
+    assert (base_webui - base).abs().max() <= 1e-5
+    assert (in_webui - in_diffusers).abs().max() <= 1e-5
+    assert (in_diffusers - base).abs().max() > 1e-4, "the LoRA changes nothing"
