@@ -14,7 +14,7 @@ import logging
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from .config import TrainConfig, is_safe_name
 from .errors import ConfigError, UserError
@@ -37,9 +37,10 @@ class ApiError(Exception):
 class PathRules:
     """Folders the API may read datasets from and write runs and uploads to."""
 
-    def __init__(self, roots: Iterable[Path], output_dir: Path, upload_dir: Path):
+    def __init__(self, roots: Iterable[Path], output_dir: Path, upload_dir: Path, upload_limits=None):
         self.roots = [Path(r).resolve() for r in roots]
         self.output_dir, self.upload_dir = Path(output_dir), Path(upload_dir)
+        self.upload_limits = upload_limits  # dataset_store.UploadLimits for images sent in a body; None: defaults
 
     def check(self, value: str, field: str) -> Path:
         path = Path(value).expanduser().resolve()
@@ -64,7 +65,7 @@ def _snippet(snapshot: dict, weight: float) -> Optional[str]:
     return f"<lora:{Path(snapshot['lora_path']).stem}:{weight:g}>"
 
 
-def _write_uploaded_images(images: List[dict], store_root: Path, name: str) -> Path:
+def _write_uploaded_images(images: List[dict], store_root: Path, name: str, limits=None) -> Path:
     """Images sent in the body ({"name", "data": base64, "caption"}) -> a new dataset, under the upload rules
     the tab uses (dataset_store): real images only, size caps, safe names, all or nothing."""
     import csv
@@ -74,7 +75,7 @@ def _write_uploaded_images(images: List[dict], store_root: Path, name: str) -> P
 
     if not isinstance(images, list) or not images:
         raise ApiError(422, "'images' must be a non-empty list of {name, data (base64), caption}")
-    store = DatasetStore(store_root)
+    store = DatasetStore(store_root) if limits is None else DatasetStore(store_root, limits)
     with tempfile.TemporaryDirectory() as tmp:
         files, rows = [], []
         for i, item in enumerate(images):
@@ -107,19 +108,26 @@ def _write_uploaded_images(images: List[dict], store_root: Path, name: str) -> P
     return folder
 
 
-def build_router(host: Host, rules: PathRules, defaults: Optional[dict] = None,
+def build_router(host: Union[Host, Callable[[], Host]], rules: PathRules,
+                 defaults: Union[dict, Callable[[], dict], None] = None,
                  credentials: Optional[Dict[str, str]] = None,
                  caption: Optional[Callable[..., object]] = None):
-    """The API's routes as a FastAPI ``APIRouter`` (include it with ``app.include_router``)."""
+    """The API's routes as a FastAPI ``APIRouter`` (include it with ``app.include_router``).
+
+    ``host``: one Host, or a function that makes one for each job (the WebUI's objects change between runs);
+    ``defaults``: config values a request need not send, or a function giving them at each request (the
+    WebUI's loaded checkpoint changes).
+    """
     from fastapi import APIRouter, Body, Depends, HTTPException
     from fastapi.responses import FileResponse, JSONResponse
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.security import HTTPBasic
 
     dependencies = []
     if credentials:
         basic = HTTPBasic()
 
-        def authenticate(given: HTTPBasicCredentials = Depends(basic)) -> None:
+        # No annotation: with postponed annotations, FastAPI 0.94 (A1111) cannot resolve a name imported here.
+        def authenticate(given=Depends(basic)) -> None:
             password = credentials.get(given.username)
             if password is None or not secrets.compare_digest(password, given.password):
                 raise HTTPException(status_code=401, detail="wrong user name or password",
@@ -152,14 +160,15 @@ def build_router(host: Host, rules: PathRules, defaults: Optional[dict] = None,
     def create_job(body: dict = Body(..., description="Config keys as in the YAML files; optionally 'images': "
                                                        "[{name, data (base64), caption}] instead of a folder")):
         try:
-            values = {**(defaults or {}), **body}
+            values = {**((defaults() if callable(defaults) else defaults) or {}), **body}
             images = values.pop("images", None)
             name = str(values.get("output_name") or "")
             if name and not is_safe_name(name):
                 raise ApiError(422, f"'output_name' {name!r} must be a plain file name, without '/' or '..'")
             if images is not None:
                 folder_name = f"{name or 'upload'}-{secrets.token_hex(4)}"
-                values["train_data_dir"] = str(_write_uploaded_images(images, rules.upload_dir, folder_name))
+                folder = _write_uploaded_images(images, rules.upload_dir, folder_name, rules.upload_limits)
+                values["train_data_dir"] = str(folder)
             elif "train_data_dir" not in values:
                 raise ApiError(422, "'train_data_dir' is required (a folder on the server), or send 'images'")
             values["train_data_dir"] = str(rules.check(str(values["train_data_dir"]), "train_data_dir"))
@@ -171,7 +180,7 @@ def build_router(host: Host, rules: PathRules, defaults: Optional[dict] = None,
             values["output_dir"] = str(rules.output_dir)
             values.pop("resume", None)
             config = TrainConfig.from_dict(values, source="request")
-            job = start_job(config, host)
+            job = start_job(config, host if hasattr(host, "load_backbone") else host())
             return JSONResponse(describe(job), status_code=201)
         except (ApiError, UserError) as exc:
             return error(exc)
@@ -242,3 +251,16 @@ def build_router(host: Host, rules: PathRules, defaults: Optional[dict] = None,
             return error(exc)
 
     return router
+
+
+def mount_api(app, host: Union[Host, Callable[[], Host]], output_dir: Path, datasets_dir: Path,
+              allowed: Iterable[Path] = (), defaults: Union[dict, Callable[[], dict], None] = None,
+              credentials: Optional[Dict[str, str]] = None, upload_limits=None,
+              caption: Optional[Callable[..., object]] = None) -> None:
+    """Add the routes to a FastAPI ``app`` (the WebUI's, or the standalone app's): runs go to ``output_dir``,
+    images sent in a body become datasets in ``datasets_dir``; datasets may be read from those two folders and
+    ``allowed``."""
+    rules = PathRules([Path(output_dir), Path(datasets_dir), *[Path(a) for a in allowed]], Path(output_dir),
+                      Path(datasets_dir), upload_limits)
+    app.include_router(build_router(host, rules, defaults, credentials, caption))
+    logger.info("LoRA Trainer API on %s (datasets from %s)", PREFIX, ", ".join(str(r) for r in rules.roots))

@@ -9,6 +9,7 @@ half dataset behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,25 @@ class UploadLimits:
     max_file_bytes: int = 50 * 1024 * 1024
     max_total_bytes: int = 4 * 1024 * 1024 * 1024
     max_files: int = 10_000
+
+    @classmethod
+    def from_mb(cls, file_mb: float, total_mb: float, fallback: Optional[UploadLimits] = None) -> UploadLimits:
+        """Limits in MiB, as settings and flags give them (fractions allowed). ConfigError unless both are > 0,
+        or, with ``fallback`` (a WebUI setting must not cost the tab), a logged warning and ``fallback``."""
+        from .errors import ConfigError
+
+        try:
+            file_mb, total_mb = float(file_mb), float(total_mb)
+            if not (file_mb > 0 and total_mb > 0):
+                raise ValueError
+        except (TypeError, ValueError):
+            message = f"upload limits must be numbers of MB above 0, got {file_mb!r} and {total_mb!r}"
+            if fallback is None:
+                raise ConfigError(message) from None
+            logging.getLogger("lora_trainer").warning("%s; using %s and %s", message,
+                                                      _size(fallback.max_file_bytes), _size(fallback.max_total_bytes))
+            return fallback
+        return cls(max_file_bytes=int(file_mb * 2**20), max_total_bytes=int(total_mb * 2**20))
 
 
 @dataclass
@@ -212,10 +232,11 @@ class DatasetStore:
             report.refused.append((clean, "only images, .txt captions and metadata.csv/.jsonl are kept"))
             return
         if size > self.limits.max_file_bytes:
-            report.refused.append((clean, f"larger than the {self.limits.max_file_bytes // 2**20} MiB limit per file"))
+            report.refused.append((clean, f"{_size(size)}, larger than the {_size(self.limits.max_file_bytes)} "
+                                          "limit per file"))
             return
         if total[0] + size > self.limits.max_total_bytes or len(list(staging.iterdir())) >= self.limits.max_files:
-            raise DatasetError(f"the upload is larger than the limit ({self.limits.max_total_bytes // 2**20} MiB, "
+            raise DatasetError(f"the upload is larger than the limit ({_size(self.limits.max_total_bytes)}, "
                                f"{self.limits.max_files} files); nothing was added")
         target = staging / clean
         if target.exists():
@@ -226,6 +247,15 @@ class DatasetStore:
             report.refused.append((clean, "not an image (the contents do not decode)"))
             return
         total[0] += size
+
+
+def _size(n: int) -> str:
+    """Bytes as people read them: 900 bytes, 20 KiB, 50 MiB, 4 GiB (whole numbers unless that hides the size)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value >= 10 or value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _free_name(folder: Path, name: str) -> Path:

@@ -140,3 +140,34 @@ def test_routes_on_the_a1111_standin(tiny_sd1_files, tmp_path):
     assert (tmp_path / "webui" / "models" / "Lora" / "w.safetensors").is_file()
     assert shared.state.begun == shared.state.ended == 1
     assert "/lora-trainer/v1/jobs" in client.get("/openapi.json").text
+
+
+def test_a_host_per_job_and_defaults_read_at_each_request(tmp_path):
+    """The WebUI passes a host factory (its objects change between runs) and live defaults (the checkpoint)."""
+    from lora_trainer.errors import UserError
+    from lora_trainer.job import get_job
+
+    class NoModelHost(StandaloneHost):
+        def load_backbone(self, config):
+            raise UserError("no model in this test")
+
+    made, current = [], {"base_model": "first.safetensors"}
+
+    def make_host():
+        made.append(NoModelHost())
+        return made[-1]
+
+    data = make_demo_dataset(tmp_path / "allowed" / "shapes", count=5)
+    rules = PathRules([tmp_path / "allowed"], tmp_path / "allowed" / "runs", tmp_path / "allowed" / "uploads")
+    app = FastAPI()
+    app.include_router(build_router(make_host, rules, defaults=lambda: dict(current)))
+    client = TestClient(app)
+    for name in ("first.safetensors", "second.safetensors"):
+        current["base_model"] = name
+        started = client.post(f"{PREFIX}/jobs", json={**TRAIN, "train_data_dir": str(data)})
+        assert started.status_code == 201, started.text
+        done = wait_for(client, started.json()["id"])
+        assert done["state"] == "failed" and "no model in this test" in done["error"]
+        job = get_job(started.json()["id"])
+        assert job.config.base_model == name and job.host is made[-1]
+    assert len(made) == 2

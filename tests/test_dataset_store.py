@@ -120,3 +120,13 @@ def test_names_rename_delete_and_run_zip(store, tmp_path):
     (run / "checkpoints" / "checkpoint-000001" / "training_state.pt").write_bytes(b"state")
     with zipfile.ZipFile(zip_run_folder(run, tmp_path / "run.zip")) as zf:
         assert sorted(zf.namelist()) == ["run/run.safetensors", "run/samples/s.png"]
+
+
+def test_limits_in_megabytes_from_flags_and_settings(caplog):
+    from lora_trainer.errors import ConfigError
+
+    assert UploadLimits.from_mb(0.05, 2) == UploadLimits(max_file_bytes=52428, max_total_bytes=2 * 2**20)
+    with pytest.raises(ConfigError, match="above 0"):
+        UploadLimits.from_mb(0, 10)  # a flag: refused
+    assert UploadLimits.from_mb("lots", 10, fallback=UploadLimits()) == UploadLimits()  # a setting: the defaults
+    assert "using 50 MiB and 4 GiB" in caplog.text

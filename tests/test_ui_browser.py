@@ -1,18 +1,24 @@
 """The standalone Train LoRA tab in a real browser, on current gradio, 4.40.0 (Forge) and 3.41.2 (A1111).
 
-One flow per version, as a user would go: bad inputs, a dataset, auto-caption with a tiny CLIP, a caption
-edit, a bulk tag edit, a config YAML, Start, live progress (step, chart, samples, also after a page reload),
-Stop and save, Extend, the result and the Try panel's image. Screenshots go to test-artifacts/;
-UPDATE_SCREENSHOTS=1 also refreshes docs/screenshot_tab.png from the current-gradio run.
+One flow per version, as a user would go: bad inputs, a dataset created in the tab and filled by uploads
+(images, then a .zip; a zip-slip archive, a text file named .png and a file over the size cap are refused),
+auto-caption with a tiny CLIP, a caption edit, a bulk tag edit, a config YAML, Start, live progress (step,
+chart, samples, also after a page reload), Stop and save, Extend, the result and the Try panel's image, the
+LoRA and the run folder downloaded, the run seen through the HTTP API, the dataset picked, renamed and deleted.
+Screenshots go to test-artifacts/; UPDATE_SCREENSHOTS=1 also refreshes docs/screenshot_tab.png from the
+current-gradio run.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
 import time
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -72,6 +78,40 @@ def write_config(path: Path, assets: dict, data: Path) -> Path:
     return path
 
 
+def upload_files(tab: TabPage, paths: list, expect: str) -> str:
+    """Drop ``paths`` on the dataset's upload box; waits for the status (``expect``) and the emptied box."""
+    before = tab.value("lora_trainer_status")
+    assert expect not in before, f"the status already says {before!r}"
+    tab.page.set_input_files("#lora_trainer_dataset_upload input[type=file]", [str(p) for p in paths])
+    status = tab.wait_value("lora_trainer_status", f"v.includes({expect!r})")
+    tab.page.wait_for_selector("#lora_trainer_dataset_upload input[type=file]", state="attached")
+    tab.page.wait_for_function("() => !document.querySelector('#lora_trainer_dataset_upload .file-preview')")
+    return status
+
+
+def bad_uploads(folder: Path) -> list:
+    """A zip-slip archive, a text file named .png, and a real image over the 0.05 MB cap the server is given."""
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "evil.zip", "w") as zf:
+        zf.writestr("ok.png", (folder.parent / "src" / "shape_00.png").read_bytes())
+        zf.writestr("../../escaped.png", (folder.parent / "src" / "shape_01.png").read_bytes())
+    (folder / "fake.png").write_bytes(b"this is text, not a picture")
+    from PIL import Image
+
+    Image.frombytes("RGB", (200, 200), os.urandom(200 * 200 * 3)).save(folder / "big.png")
+    assert (folder / "big.png").stat().st_size > 0.05 * 2**20
+    return [folder / "evil.zip", folder / "fake.png", folder / "big.png"]
+
+
+def download(tab: TabPage, button: str, name: str) -> bytes:
+    """Click a Download button, then the file link it shows (gradio 3: a link in a table; 4+: the same)."""
+    tab.status_after(button, f"{name} is ready")
+    link = tab.page.locator(f"#lora_trainer_download_file a[download='{name}']").first
+    with tab.page.expect_download() as info:
+        link.click()
+    return Path(info.value.path()).read_bytes()
+
+
 def progress_steps(tab: TabPage, count: int, timeout: float = 90) -> list:
     """Wait until the progress line has shown ``count`` different step numbers; returns them."""
     seen, deadline = [], time.monotonic() + timeout
@@ -88,13 +128,19 @@ def progress_steps(tab: TabPage, count: int, timeout: float = 90) -> list:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
-    data = dataset_without_captions(tmp_path / "shapes")
+    source = dataset_without_captions(tmp_path / "src")
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as zf:  # two images in a folder of the archive
+        for name in ("shape_04.png", "shape_05.png"):
+            zf.write(source / name, f"more/{name}")
+    refused = bad_uploads(tmp_path / "bad")
+    data = tmp_path / "datasets" / "shapes"  # the default datasets folder: beside the runs folder
     (tmp_path / "empty").mkdir()
     config_file = write_config(tmp_path / "uitest.yaml", assets, data)
     port = free_port()
     env = server_env(version, cache=assets["cache"])
     log = ROOT / "test-artifacts" / f"server-{version}.log"
-    with running_server(ui_command(port, tmp_path / "runs"), env, log, port) as url:
+    command = ui_command(port, tmp_path / "runs") + ["--max-file-mb", "0.05"]
+    with running_server(command, env, log, port) as url:
         page = chromium.new_page()
         tab = TabPage(page, f"standalone-{version}")
         (ROOT / "test-artifacts" / f"standalone-{version}-timings.txt").unlink(missing_ok=True)
@@ -111,6 +157,32 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         assert "does not exist" in tab.status_after("lora_trainer_dataset_load", "Error:")
         tab.fill("lora_trainer_dataset_dir", tmp_path / "empty")
         assert "no images found" in tab.status_after("lora_trainer_dataset_load", "no images found")
+        upload_files(tab, [source / "shape_00.png"], "choose a dataset from the list, or create one")
+        tab.fill("lora_trainer_dataset_new_name", "../up")
+        assert "Error:" in tab.status_after("lora_trainer_dataset_create", "file names must not contain")
+
+        # A dataset made in the tab: images, then a .zip; the upload rules refuse three bad files, each visibly.
+        tab.fill("lora_trainer_dataset_new_name", "shapes")
+        tab.status_after("lora_trainer_dataset_create", "created dataset shapes")
+        assert tab.value("lora_trainer_dataset_dir") == str(data)
+        images = [source / f"shape_0{i}.png" for i in range(4)] + [source / "shape_dup.png"]
+        upload_files(tab, images, "shapes: added 5 file(s)")
+        upload_files(tab, [tmp_path / "more.zip"], "shapes: added 2 file(s)")
+        assert tab.value("lora_trainer_dataset_choice") == "shapes — 7 images, 0 captioned (0%)"
+        assert "without a caption" in tab.wait_value("lora_trainer_dataset_warnings", "v.includes('7 image(s)')")
+        tab.mark("dataset uploaded")
+        upload_files(tab, refused, "shapes: added 0 file(s), refused 3")
+        report = tab.value("lora_trainer_upload_report").splitlines()
+        assert report[0] == "added 0 file(s)" and len(report) == 4
+        assert "refused evil.zip: entry '../../escaped.png' would be written outside the dataset folder" in report[1]
+        assert report[2] == "refused fake.png: not an image (the contents do not decode)"
+        assert report[3].startswith("refused big.png: ") and "larger than the 51 KiB limit per file" in report[3]
+        expected = sorted([p.name for p in images] + ["shape_04.png", "shape_05.png"])
+        assert sorted(p.name for p in data.iterdir()) == expected  # the refused files left no trace
+        assert [p.name for p in data.parent.iterdir()] == ["shapes"]  # no staging folder left behind
+        assert not list(tmp_path.rglob("escaped.png")) and not list(tmp_path.rglob("ok.png"))
+        tab.mark("bad uploads refused")
+
         tab.fill("lora_trainer_cfg_output_name", "bad/name")
         assert "give the base checkpoint" in tab.status_after("lora_trainer_start", "base checkpoint")
         tab.fill("lora_trainer_base_model", assets["model"])
@@ -138,6 +210,8 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         tab.fill("lora_trainer_bulk_tag", "flat style")
         tab.status_after("lora_trainer_bulk_apply", "7 caption(s) changed")
         assert captions_on_disk(data)["shape_01.png"] == "flat style, ltdemo, an edited caption"
+        tab.click("lora_trainer_dataset_list_refresh")
+        tab.wait_value("lora_trainer_dataset_choice", "v === 'shapes — 7 images, 7 captioned (100%)'")
         tab.shot("dataset")
 
         # Settings from a YAML file (the CLI's schema), then Start; a second Start is refused.
@@ -147,7 +221,7 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         assert tab.value("lora_trainer_cfg_output_name") == "uitest"
         assert float(tab.value("lora_trainer_cfg_max_train_steps")) == 1000
         tab.status_after("lora_trainer_yaml_save", "config saved as uitest.yaml")
-        tab.status_after("lora_trainer_start", "started: uitest")
+        job_id = tab.status_after("lora_trainer_start", "started: uitest").split("(run ")[1].rstrip(")")
         tab.mark("started")
         assert "Estimate" in tab.value("lora_trainer_estimate")
         assert "already in progress" in tab.status_after("lora_trainer_start", "Error:")
@@ -186,9 +260,41 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         page.wait_for_selector("#lora_trainer_try_image img")
         tab.mark("tried")
         tab.click("lora_trainer_runs_refresh")
+
+        # Downloads: the LoRA, byte for byte, and the run folder as a .zip (samples, config, metrics).
+        run = tmp_path / "runs" / "uitest"
+        assert download(tab, "lora_trainer_download_lora", "uitest.safetensors") == \
+            (run / "uitest.safetensors").read_bytes()
+        with zipfile.ZipFile(io.BytesIO(download(tab, "lora_trainer_download_zip", "uitest.zip"))) as zf:
+            names = set(zf.namelist())
+        assert {"uitest/config.yaml", "uitest/metrics.csv", "uitest/uitest.safetensors"} <= names
+        assert any(n.startswith("uitest/samples/") for n in names) and not any("checkpoint" in n for n in names)
+        tab.mark("downloaded")
         shot = tab.shot("result")
         readme_shot = ROOT / "docs" / "screenshot_tab.png"
         if version == "current" and (os.environ.get("UPDATE_SCREENSHOTS") or not readme_shot.exists()):
             readme_shot.parent.mkdir(exist_ok=True)
             shutil.copyfile(shot, readme_shot)  # the README's picture; a plain test run leaves it alone
+
+        # The API on the same server and host: it lists the run and knows the job the tab started.
+        with urllib.request.urlopen(f"{url}lora-trainer/v1/runs", timeout=30) as response:
+            assert "uitest" in [r["name"] for r in json.loads(response.read())["runs"]]
+        with urllib.request.urlopen(f"{url}lora-trainer/v1/jobs/{job_id}", timeout=30) as response:
+            assert json.loads(response.read())["state"] == "stopped"
+
+        # Pick the dataset from the list, rename it, delete it (only with its name typed).
+        tab.fill("lora_trainer_dataset_new_name", "scratch")
+        tab.status_after("lora_trainer_dataset_create", "created dataset scratch")
+        tab.choose("lora_trainer_dataset_choice", "shapes — 7 images")
+        tab.wait_value("lora_trainer_dataset_dir", f"v === {json.dumps(str(data))}")
+        tab.fill("lora_trainer_dataset_rename_to", "shapes v2")
+        tab.status_after("lora_trainer_dataset_rename", "renamed dataset shapes to shapes v2")
+        assert tab.value("lora_trainer_dataset_dir") == str(data.parent / "shapes v2")
+        tab.fill("lora_trainer_dataset_delete_confirm", "shapes")
+        assert "Error: type the dataset's name" in tab.status_after("lora_trainer_dataset_delete", "to confirm")
+        tab.fill("lora_trainer_dataset_delete_confirm", "shapes v2")
+        tab.status_after("lora_trainer_dataset_delete", "deleted dataset shapes v2")
+        assert sorted(p.name for p in data.parent.iterdir()) == ["scratch"]
+        assert tab.value("lora_trainer_dataset_dir") == ""
+        tab.mark("dataset renamed and deleted")
         page.close()

@@ -217,3 +217,126 @@ def test_ui_command_refuses_a_malformed_login(capsys):
 
     assert cli.main(["ui", "--auth", "admin"]) == 2
     assert "--auth must be USER:PASSWORD" in capsys.readouterr().err
+    assert cli.main(["ui", "--max-file-mb", "0"]) == 2
+    assert "upload limits must be numbers of MB above 0" in capsys.readouterr().err
+
+
+# -- named datasets and downloads --------------------------------------------------------------------
+
+def upload(tmp_path, name, data) -> tuple:
+    """A file as the browser sends it: (its name, the temporary file gradio wrote)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "file"
+    path.write_bytes(data)
+    return name, path
+
+
+def png(colour="red") -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_named_datasets_create_upload_rename_delete(tmp_path):
+    c = controller(tmp_path, datasets_dir=tmp_path / "datasets")
+    m = c.datasets
+    assert m.choices() == []
+    with pytest.raises(UserError, match="choose a dataset"):
+        m.upload(None, [upload(tmp_path, "a.png", png())])
+    view = m.create("brand")
+    assert view.selected == "brand — empty" and view.folder == str(tmp_path / "datasets" / "brand")
+    with pytest.raises(DatasetError, match="already exists"):
+        m.create("brand")
+    with pytest.raises(DatasetError):
+        m.create("../outside")
+    view = m.upload(view.selected, [upload(tmp_path, "a.png", png()), upload(tmp_path, "a.txt", b"a red square"),
+                                    upload(tmp_path, "b.png", png("blue")),
+                                    upload(tmp_path, "../escape.png", png()),  # no browser sends this: the API could
+                                    upload(tmp_path, "notes.pdf", b"%PDF")])
+    assert view.selected == "brand — 2 images, 1 captioned (50%)"
+    assert view.message == "brand: added 3 file(s), refused 2: ../escape.png: file names must not contain '/', " \
+                           "'\\' or '..'; notes.pdf: only images, .txt captions and metadata.csv/.jsonl are kept"
+    assert view.report.splitlines() == ["added 3 file(s): a.png, a.txt, b.png",
+                                        "refused ../escape.png: file names must not contain '/', '\\' or '..'",
+                                        "refused notes.pdf: only images, .txt captions and metadata.csv/.jsonl are "
+                                        "kept"]
+    assert sorted(p.name for p in (tmp_path / "datasets").rglob("*")) == ["a.png", "a.txt", "b.png", "brand"]
+    assert not list(tmp_path.glob("escape*"))
+    assert c.load_dataset(view.folder).names == ["a.png", "b.png"]
+
+    picked = m.select(view.selected)
+    assert picked.folder == view.folder and picked.message.startswith("dataset brand:")
+    other = m.create("other")
+    renamed = m.rename(picked.selected, "brand v2", folder=view.folder)  # the folder box showed it: it follows
+    assert renamed.folder == str(tmp_path / "datasets" / "brand v2") and renamed.selected.startswith("brand v2 — ")
+    assert m.rename(other.selected, "other2", folder=renamed.folder).folder is None  # the box showed another one
+    with pytest.raises(DatasetError, match="type the dataset's name"):
+        m.delete(renamed.selected, "brand", folder=renamed.folder)
+    gone = m.delete(renamed.selected, "brand v2", folder=renamed.folder)
+    assert gone.folder == "" and gone.selected is None and gone.choices == ["other2 — empty"]
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["other2"]
+
+
+def test_a_dataset_in_training_is_not_renamed_or_deleted(tmp_path):
+    host = BlockingHost()
+    c = controller(tmp_path, host, datasets_dir=tmp_path / "datasets")
+    view = c.datasets.create("shapes")
+    make_demo_dataset(Path(view.folder), count=5)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    c.start(c.build_config(view.folder, str(model), "", form(output_dir=str(tmp_path / "runs"))))
+    try:
+        with pytest.raises(DatasetError, match="being trained on"):
+            c.datasets.rename("shapes", "other", "")
+        with pytest.raises(DatasetError, match="being trained on"):
+            c.datasets.delete("shapes", "shapes", "")
+    finally:
+        c.stop(save=False)
+        host.release.set()
+        jobs.current_job().wait(30)
+    assert (tmp_path / "datasets" / "shapes").is_dir()
+
+
+def test_without_a_datasets_folder_the_list_is_empty_and_actions_say_why(tmp_path):
+    c = controller(tmp_path)
+    assert c.datasets.choices() == []
+    with pytest.raises(UserError, match="no datasets folder"):
+        c.datasets.create("x")
+
+
+def test_downloads_of_a_run(tmp_path):
+    import zipfile
+
+    from lora_trainer.ui import downloads
+
+    run = tmp_path / "runs" / "brand"
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "config.yaml").write_text("base_model: m\ntrain_data_dir: d\n", encoding="utf-8")
+    (run / "samples" / "step1.png").write_bytes(png())
+    (run / "checkpoints" / "state.pt").write_bytes(b"big")
+    c = controller(tmp_path)
+    with pytest.raises(UserError, match="no LoRA file"):
+        c.downloads.lora_file(str(run))
+    (run / "brand.safetensors").write_bytes(b"\x00weights" * 100)
+    lora = c.downloads.lora_file(str(run))
+    assert lora.name == "brand.safetensors" and lora.read_bytes() == (run / "brand.safetensors").read_bytes()
+    import tempfile
+
+    assert Path(tempfile.gettempdir()) in lora.parents  # gradio serves the temp folder in every version
+    with zipfile.ZipFile(c.downloads.run_zip(str(run))) as zf:
+        assert sorted(zf.namelist()) == ["brand/brand.safetensors", "brand/config.yaml", "brand/samples/step1.png"]
+    for _ in range(downloads.KEEP + 2):
+        c.downloads.lora_file(str(run))
+    assert len(list(lora.parents[1].iterdir())) <= downloads.KEEP
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(run, elsewhere)
+    with pytest.raises(UserError, match="not a run folder of this tab"):
+        c.downloads.lora_file(str(elsewhere))
+    with pytest.raises(UserError, match="not a run folder of this tab"):
+        c.downloads.run_zip(str(run / ".." / ".." / "elsewhere"))
+    with pytest.raises(UserError, match="no run to download"):
+        c.downloads.run_zip("")

@@ -71,6 +71,44 @@ def test_registers_settings_and_the_tab(webui, tmp_path):
     assert script._model_info() == "v1-5.safetensors (loads when training starts)"
 
 
+def test_api_routes_join_the_webui_app_behind_api_auth(webui, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lora_trainer.api import PREFIX
+    from lora_trainer.demo import make_demo_dataset
+
+    script, callbacks, shared = webui
+    callbacks.ui_settings_callback()
+    assert {"lora_trainer_datasets_dir", "lora_trainer_allowed_dirs", "lora_trainer_max_file_mb"} <= set(
+        shared.opts.data_labels)
+    shared.opts.data.update(lora_trainer_output_dir=str(tmp_path / "outputs" / "lora_trainer"),
+                            lora_trainer_datasets_dir=str(tmp_path / "datasets"),
+                            lora_trainer_allowed_dirs=f"{tmp_path / 'models'}, {tmp_path / 'pictures'}")
+    shared.cmd_opts.api_auth = "alice:s3cret,bob:pw"
+    app = FastAPI()
+    callbacks.app_started_callback(None, app)  # --nowebui: no gradio demo, only the API
+    routes = set(app.openapi()["paths"])
+    assert {f"{PREFIX}/jobs", f"{PREFIX}/jobs/{{job_id}}", f"{PREFIX}/runs", f"{PREFIX}/caption"} <= routes
+
+    client = TestClient(app)
+    assert client.get(f"{PREFIX}/runs").status_code == 401
+    assert client.get(f"{PREFIX}/runs", auth=("alice", "wrong")).status_code == 401
+    assert client.get(f"{PREFIX}/runs", auth=("bob", "pw")).json() == {"runs": []}
+    outside = make_demo_dataset(tmp_path / "elsewhere", count=5)
+    refused = client.post(f"{PREFIX}/jobs", json={"train_data_dir": str(outside)}, auth=("bob", "pw"))
+    assert refused.status_code == 403
+    assert all(str(tmp_path / d) in refused.json()["error"] for d in ("pictures", "models", "datasets"))
+    shared.cmd_opts.api_auth, shared.cmd_opts.gradio_auth = None, "carol:pw"  # a WebUI behind a login only
+    app = FastAPI()
+    callbacks.app_started_callback(None, app)
+    assert TestClient(app).get(f"{PREFIX}/runs").status_code == 401
+    assert TestClient(app).get(f"{PREFIX}/runs", auth=("carol", "pw")).status_code == 200
+    defaults = script._api_defaults()  # at each request: the checkpoint the WebUI has selected now
+    assert defaults["base_model"] == "v1-5.safetensors" and defaults["lora_rank"] == 16
+    assert defaults["output_dir"] == str(tmp_path / "outputs" / "lora_trainer")
+
+
 def test_unloading_the_script_stops_the_run(webui, tmp_path):
     script, callbacks, shared = webui
     release = threading.Event()

@@ -2,12 +2,16 @@
 script, the tab collected from on_ui_tabs, javascript/ and style.css injected into the page, a WebUI stand-in
 (tests/standins/webui_modules) with the real ldm model. Training runs on the WebUI's loaded model through
 WebUIHost and the queue lock, the LoRA lands in models/Lora/<sub-folder>, and "Use in txt2img" fills the prompt.
+The HTTP API joins the WebUI's FastAPI app through on_app_started (FastAPI 0.94 here) behind --api-auth.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 from standins.ui_servers import ROOT, TabPage, browser, free_port, running_server, server_env
@@ -31,7 +35,8 @@ def test_tab_inside_a1111_fills_the_txt2img_prompt(tmp_path):
     env = server_env("3.41.2", extra_paths=[STANDINS, ROOT / "tests"])
     env.update(FAKE_WEBUI_CHECKPOINT=str(checkpoint), FAKE_WEBUI_LORA_DIR=str(tmp_path / "models" / "Lora"),
                FAKE_WEBUI_OPTS=json.dumps({"lora_trainer_output_dir": str(tmp_path / "outputs"),
-                                           "lora_trainer_subfolder": "trained"}))
+                                           "lora_trainer_subfolder": "trained"}),
+               FAKE_WEBUI_API_AUTH="alice:s3cret")
     port = free_port()
     command = [sys.executable, str(STANDINS / "fake_webui.py"), str(ROOT), str(port)]
     with running_server(command, env, ROOT / "test-artifacts" / "server-webui.log", port) as url, \
@@ -55,6 +60,12 @@ def test_tab_inside_a1111_fills_the_txt2img_prompt(tmp_path):
         published = tmp_path / "models" / "Lora" / "trained"
         assert str(published) in result
         assert {p.name for p in published.iterdir()} >= {"uiwebui.safetensors", "uiwebui.json"}
+        runs = urllib.request.Request(f"{url}lora-trainer/v1/runs")
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(runs, timeout=30)
+        runs.add_header("Authorization", "Basic " + base64.b64encode(b"alice:s3cret").decode())
+        with urllib.request.urlopen(runs, timeout=30) as response:
+            assert [r["name"] for r in json.loads(response.read())["runs"]] == ["uiwebui"]
         tab.click("lora_trainer_model_refresh")  # the model is loaded now: its family shows
         tab.wait_value("lora_trainer_model_info", "v.includes('(SD1)')")
         tab.shot("trained")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..dataset_store import UploadLimits
 from ..host import Host
 
 
@@ -19,6 +20,8 @@ class TabContext:
     caption_model: str = "ViT-L-14"
     caption_pretrained: str = "openai"
     preferred_weight: float = 0.7
+    datasets_dir: Optional[Path] = None  # named datasets made in the tab (one folder each); None: none
+    upload_limits: UploadLimits = field(default_factory=UploadLimits)
 
     @property
     def base_model_label(self) -> str:

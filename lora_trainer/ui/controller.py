@@ -20,6 +20,8 @@ from ..errors import DatasetError, UserError
 from ..run_folder import RunFolder
 from .context import TabContext
 from .dataset_checks import dataset_warnings
+from .dataset_manager import DatasetManager
+from .downloads import Downloads
 from .estimate import estimate_run
 from .fields import FORM_FIELDS, from_form_value
 from .presets import read_partial_config
@@ -84,6 +86,8 @@ class TabController:
         self._captioner_key: Optional[tuple] = None
         self._try_model: Optional[tuple] = None  # (base_model, backbone)
         self._busy = threading.Lock()  # captioning and the Try panel: one at a time
+        self.datasets = DatasetManager(context)  # the named datasets in context.datasets_dir
+        self.downloads = Downloads(context.output_dir)
 
     # -- dataset ---------------------------------------------------------------------------------
     def load_dataset(self, folder: str) -> DatasetView:

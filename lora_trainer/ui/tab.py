@@ -18,6 +18,7 @@ from . import compat
 from .compat import make, update
 from .context import TabContext
 from .controller import BULK_OPS, DatasetView, ResultView, TabController
+from .dataset_panel import DatasetPanel
 from .fields import ADVANCED_FIELDS, FORM_FIELDS, MAIN_FIELDS, field_specs, form_values
 from .presets import list_presets, load_preset
 from .widgets import field_component, guarded, thumbnail
@@ -49,6 +50,8 @@ class TrainTab:
 
     def _dataset_section(self) -> None:
         gr.Markdown("### Dataset", elem_id="lora_trainer_dataset_heading")
+        self.dataset_panel = DatasetPanel(self.controller.datasets)
+        self.dataset_panel.render()
         with gr.Row():
             self.folder = make(gr.Textbox, label="Image folder", elem_id="lora_trainer_dataset_dir", scale=4,
                                placeholder="/path/to/images (sub-folders like 10_name repeat 10x)")
@@ -178,6 +181,13 @@ class TrainTab:
             self.runs = make(gr.Dropdown, label="Past runs", choices=self.controller.runs(), value=None,
                              elem_id="lora_trainer_runs", scale=4)
             self.runs_refresh = make(gr.Button, value="Refresh list", elem_id="lora_trainer_runs_refresh")
+        with gr.Row():
+            self.download_lora = make(gr.Button, value="Download the LoRA (.safetensors)",
+                                      elem_id="lora_trainer_download_lora")
+            self.download_zip = make(gr.Button, value="Download the run folder (.zip: samples, config, metrics)",
+                                     elem_id="lora_trainer_download_zip")
+            self.download = make(gr.File, label="Download", interactive=False, elem_id="lora_trainer_download_file",
+                                 scale=2)
         self.run_config = make(gr.Code, label="Run config", language="yaml", interactive=False,
                                elem_id="lora_trainer_run_config")
 
@@ -239,6 +249,16 @@ class TrainTab:
         # select, not change: a programmatic value must not load a caption over the one being edited
         self.gallery.select(select_image, [self.folder, self.names], [self.image, self.caption])
         self.image.select(choose_image, [self.folder], [self.caption])
+        self.dataset_panel.wire(self.status, self.folder, outputs[1:], self._shown_dataset)
+
+    def _shown_dataset(self, folder: str) -> tuple:
+        """The gallery, warnings, names, image list and caption for a folder; an empty dataset shows nothing."""
+        if not folder:
+            return [], "", "", update(choices=[], value=None), ""
+        try:
+            return self._dataset_outputs(self.controller.load_dataset(folder))
+        except UserError as exc:
+            return [], f"Warning: {exc}", "", update(choices=[], value=None), ""
 
     def _form(self) -> List:
         return [self.folder, self.base_model, self.trigger] + [self.fields[n] for n in FORM_FIELDS]
@@ -359,6 +379,16 @@ class TrainTab:
 
         self.runs.change(show_run, [self.runs], [self.status, self.run_config] + result_outputs)
         self.runs_refresh.click(lambda: update(choices=c.runs()), None, [self.runs])
+
+        @guarded(2)
+        def download(what, run_dir):
+            path = c.downloads.lora_file(run_dir) if what == "lora" else c.downloads.run_zip(run_dir)
+            return f"{path.name} is ready: click the ⇣ link under Download to save it", str(path)
+
+        self.download_lora.click(lambda run_dir: download("lora", run_dir), [self.result_dir],
+                                 [self.status, self.download])
+        self.download_zip.click(lambda run_dir: download("zip", run_dir), [self.result_dir],
+                                [self.status, self.download])
         if self.context.webui:
             self.model_refresh.click(lambda: self.context.base_model_label, None, [self.base_model])
             self.use.click(None, [self.result_name, self.weight, self.result_trigger], None,
@@ -374,8 +404,6 @@ class TrainTab:
 
             self.try_run.click(try_lora, [self.result_dir, self.try_prompt, self.weight],
                                [self.status, self.try_image])
-
-
 
 
 def _loss_frame(losses):

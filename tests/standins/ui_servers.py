@@ -134,6 +134,11 @@ class TabPage:
     def click(self, elem_id: str) -> None:
         self.page.locator(f"button#{elem_id}, #{elem_id} button").first.click()
 
+    def choose(self, elem_id: str, option: str) -> None:
+        """Pick ``option`` in a dropdown as a user does (the options list is the same in gradio 3, 4 and 6)."""
+        self.box(elem_id).click()
+        self.page.locator(f"#{elem_id} li[data-testid=dropdown-option]").filter(has_text=option).first.click()
+
     def wait_value(self, elem_id: str, predicate_js: str, timeout: float = 60_000) -> str:
         """Wait until the text box's value satisfies ``predicate_js`` (a JS expression over ``v``)."""
         self.page.wait_for_function(

@@ -3,7 +3,8 @@
 ``python fake_webui.py EXTENSION_DIR PORT``: imports the extension's scripts/*.py as ``scripts.load_scripts``
 does (extension dir on sys.path while importing), runs the settings and ui_tabs callbacks, renders the tabs
 after a txt2img tab holding ``#txt2img_prompt`` (``modules/ui.py:create_ui``), injects javascript/*.js and
-style.css into the page (``ui_gradio_extensions.reload_javascript``) and serves it with the queue on.
+style.css into the page (``ui_gradio_extensions.reload_javascript``), serves it with the queue on and gives the
+extensions the FastAPI app (``on_app_started``).
 """
 
 import importlib.util
@@ -58,7 +59,10 @@ def main(extension: Path, port: int) -> None:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
     demo.queue(64)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=False)
+    # webui.py:webui(): launch without blocking, then the extensions' on_app_started callbacks get the FastAPI app.
+    app, _, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    script_callbacks.app_started_callback(demo, app)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""modules/script_callbacks.py: register callbacks; the WebUI calls them while building the UI."""
+"""modules/script_callbacks.py: register callbacks; the WebUI calls them while building the UI, and
+``app_started_callback(demo, app)`` once gradio's FastAPI app runs (demo is None under --nowebui)."""
 
 callbacks_ui_tabs = []
 callbacks_ui_settings = []
 callbacks_script_unloaded = []
+callbacks_app_started = []
 
 
 def on_ui_tabs(callback):
@@ -15,6 +17,10 @@ def on_ui_settings(callback):
 
 def on_script_unloaded(callback):
     callbacks_script_unloaded.append(callback)
+
+
+def on_app_started(callback):
+    callbacks_app_started.append(callback)
 
 
 def ui_tabs_callback():
@@ -32,3 +38,8 @@ def ui_settings_callback():
 def script_unloaded_callback():
     for callback in callbacks_script_unloaded:
         callback()
+
+
+def app_started_callback(demo, app):
+    for callback in callbacks_app_started:
+        callback(demo, app)

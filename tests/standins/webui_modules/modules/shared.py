@@ -9,7 +9,7 @@ from standins.a1111 import State
 
 models_path = os.environ.get("FAKE_WEBUI_MODELS", "models")
 cmd_opts = types.SimpleNamespace(lora_dir=os.environ.get("FAKE_WEBUI_LORA_DIR", os.path.join(models_path, "Lora")),
-                                 lowvram=False, medvram=False)
+                                 lowvram=False, medvram=False, api_auth=os.environ.get("FAKE_WEBUI_API_AUTH"))
 state = State()
 
 
