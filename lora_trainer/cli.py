@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="Train a tiny built-in model on a generated dataset (offline, ~1 minute).")
     demo.add_argument("--output", default="demo_output", help="Folder for the demo model, data and runs.")
-    demo.add_argument("--steps", type=int, default=150, help="Training steps (default 150).")
+    demo.add_argument("--steps", type=int, default=500, help="Training steps (default 500, about a minute).")
     demo.add_argument("--task", choices=("text-to-image", "text-generation"), default="text-to-image",
                       help="text-to-image: a tiny SD1 model; text-generation: a tiny LLaMA-style language model.")
     add_caption_parser(sub)

@@ -11,6 +11,17 @@ from .events import EventBus, Failed, Finished, Progress, SampleSaved, Started
 logger = logging.getLogger("lora_trainer")
 
 
+def quiet_library_progress_bars() -> None:
+    """diffusers and transformers draw a bar for every model they load; on the console ours is the one that counts."""
+    import importlib
+
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            importlib.import_module(name).disable_progress_bar()
+        except ImportError:  # not installed (inside the WebUI, diffusers may be absent): nothing to quiet
+            continue
+
+
 class ConsoleProgress:
     def __init__(self) -> None:
         self.bus = EventBus()
@@ -23,6 +34,7 @@ class ConsoleProgress:
         """Log lines go above the bar instead of breaking it."""
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        quiet_library_progress_bars()
         with logging_redirect_tqdm(loggers=[logging.root]):
             yield
         self._close()
