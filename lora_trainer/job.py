@@ -186,6 +186,8 @@ class TrainingJob:
         if isinstance(event, Started):
             self.run_dir, self.total_steps = event.run_dir, event.total_steps
             self.step = self.start_step = event.start_step
+            if event.start_step:  # resumed or extended: the chart shows the run's whole history
+                self.losses = [(int(r["step"]), float(r["loss"])) for r in RunFolder(event.run_dir).read_metrics()]
             self.host.progress_started(f"Train LoRA: {event.run_dir.name}", event.total_steps)
         elif isinstance(event, Progress):
             self.step, self.last = event.step, event

@@ -216,6 +216,7 @@ def test_webui_interrupt_stops_and_saves_and_errors_release_the_lock(sd_model, d
     extended = job.extend(2)
     assert extended.wait(300)
     assert extended.snapshot()["state"] == "finished" and extended.snapshot()["step"] == 6
+    assert [step for step, _ in extended.snapshot()["losses"]] == [1, 2, 3, 4, 5, 6]  # the whole run's chart
     _, meta = read_lora_file(extended.lora_path)
     assert meta["ss_steps"] == "6"
 
