@@ -30,37 +30,45 @@ def run_training(config: TrainConfig, load_backbone: BackboneLoader, events: Opt
                  stop: Optional[StopRequest] = None, resume_dir: Optional[Path] = None) -> TrainResult:
     """Train as ``config`` says. With ``resume_dir``, continue that run from its last checkpoint."""
     events = events or EventBus()
-    run: Optional[RunFolder] = None
-    discard = False  # set on a user error or Ctrl-C: a folder with no step done is then removed
-    try:
+    with RunGuard(events, resume_dir) as guard:
         with _remembered_logs() as scan_log:
             data = prepare_data(config)  # a bad dataset fails here, before any model loads
         check_init_lora(config)
-        run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(config)
+        guard.run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(config)
         if resume_dir:
-            run.save_config(config)  # an extend raises max_train_steps; a later resume must see the new total
-        run.start_log(earlier=scan_log)  # train.log also lists the images the scan skipped
-        logger.info("run folder: %s", run.path)
+            guard.run.save_config(config)  # an extend raises max_train_steps; a later resume must see the new total
+        guard.run.start_log(earlier=scan_log)  # train.log also lists the images the scan skipped
+        logger.info("run folder: %s", guard.run.path)
         backbone = load_backbone(config)
-        return train(config, backbone, data, run, events, stop, resume=resume_dir is not None)
-    except UserError as exc:
-        discard = True
-        if run is not None:
-            run.log_error(str(exc))  # into train.log; the front end shows it on the console or in the tab
-        events.emit(Failed(run.path if run else None, str(exc)))
-        raise
-    except KeyboardInterrupt:
-        discard = True
-        raise
-    except Exception as exc:
-        logger.exception("training failed")
-        events.emit(Failed(run.path if run else None, f"{type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        if run is not None:
-            run.stop_log()
-            if discard and resume_dir is None and run.discard_if_unused():
-                logger.info("removed %s: the run stopped before its first step", run.path)
+        return train(config, backbone, data, guard.run, events, stop, resume=resume_dir is not None)
+
+
+class RunGuard:
+    """How every run (image or text) ends when it fails: the error goes into train.log (the front end shows it),
+    the failure is reported as an event, the log is closed, and a run folder that got no step is removed."""
+
+    def __init__(self, events: EventBus, resume_dir: Optional[Path]):
+        self.events, self.resume_dir = events, resume_dir
+        self.run: Optional[RunFolder] = None
+
+    def __enter__(self) -> RunGuard:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        where = self.run.path if self.run else None
+        discard = exc_type is not None and issubclass(exc_type, (UserError, KeyboardInterrupt))
+        if exc_type is not None and issubclass(exc_type, UserError):
+            if self.run is not None:
+                self.run.log_error(str(exc))
+            self.events.emit(Failed(where, str(exc)))
+        elif exc_type is not None and issubclass(exc_type, Exception):
+            logger.error("training failed", exc_info=(exc_type, exc, tb))
+            self.events.emit(Failed(where, f"{exc_type.__name__}: {exc}"))
+        if self.run is not None:
+            self.run.stop_log()
+            if discard and self.resume_dir is None and self.run.discard_if_unused():
+                logger.info("removed %s: the run stopped before its first step", self.run.path)
+        return False
 
 
 class _Recorder(logging.Handler):

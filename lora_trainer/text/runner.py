@@ -13,9 +13,10 @@ from typing import Optional
 
 from ..config import TrainConfig, is_safe_name
 from ..devices import resolve_device
-from ..errors import ModelError, UserError
-from ..events import EventBus, Failed, StopRequest
+from ..errors import ModelError
+from ..events import EventBus, StopRequest
 from ..run_folder import RunFolder
+from ..runner import RunGuard
 from ..trainer import TrainResult
 from .records import read_records
 
@@ -29,8 +30,7 @@ def run_text_training(config: TrainConfig, events: Optional[EventBus] = None, st
     ``load_in_4bit`` loads the base model in 4-bit NF4 (QLoRA; needs bitsandbytes and a CUDA GPU).
     """
     events = events or EventBus()
-    run: Optional[RunFolder] = None
-    try:
+    with RunGuard(events, resume_dir) as guard:
         _require_libraries()
         from .model import attach_lora, check_context_length, check_model_folder, load_causal_lm, load_tokenizer
         from .sequences import tokenize_records
@@ -40,7 +40,9 @@ def run_text_training(config: TrainConfig, events: Optional[EventBus] = None, st
         check_context_length(folder, config.max_seq_length)
         tokenizer = load_tokenizer(folder)
         data = tokenize_records(records, tokenizer, config.max_seq_length)
-        run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(_named(config))
+        run = guard.run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(_named(config))
+        if resume_dir:
+            run.save_config(config)
         run.start_log()
         logger.info("run folder: %s", run.path)
         more = f" and {len(records.files) - 5} more" if len(records.files) > 5 else ""
@@ -54,17 +56,6 @@ def run_text_training(config: TrainConfig, events: Optional[EventBus] = None, st
 
         loop = TextLoop(config, model, tokenizer, data, run, events, stop or StopRequest())
         return loop.run(resume=resume_dir is not None)
-    except UserError as exc:
-        logger.error("%s", exc)
-        events.emit(Failed(run.path if run else None, str(exc)))
-        raise
-    except Exception as exc:
-        logger.exception("training failed")
-        events.emit(Failed(run.path if run else None, f"{type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        if run is not None:
-            run.stop_log()
 
 
 def _named(config: TrainConfig) -> TrainConfig:
