@@ -58,6 +58,8 @@ class TrainConfig:
         "text-to-image", "model",
         "text-to-image: a Stable Diffusion LoRA; text-generation: an LLM LoRA (transformers + peft).",
         choices=("text-to-image", "text-generation"))
+    load_in_4bit: bool = option(False, "model", "text-generation: load the base model in 4-bit NF4 (QLoRA; needs "
+                                "bitsandbytes and a CUDA GPU).")
     base_model: str = option("", "model", "Base checkpoint: a .safetensors or .ckpt file, or a diffusers folder.")
     model_config: str = option(
         "", "model",

@@ -32,6 +32,9 @@ class Host(Protocol):
 
     def progress_finished(self) -> None: ...
 
+    def sample_saved(self, paths: list) -> None:
+        """New sample images (the WebUI shows the first as its live preview)."""
+
     def interrupted(self) -> bool:
         """True when the host's own Interrupt button was pressed."""
 
@@ -64,6 +67,9 @@ class StandaloneHost:
         pass
 
     def progress_finished(self) -> None:
+        pass
+
+    def sample_saved(self, paths: list) -> None:
         pass
 
     def interrupted(self) -> bool:

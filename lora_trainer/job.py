@@ -198,6 +198,7 @@ class TrainingJob:
                 self.stop(save=True)
         elif isinstance(event, SampleSaved):
             self.samples.extend(str(p) for p in event.paths)
+            self.host.sample_saved(list(event.paths))
         elif isinstance(event, CheckpointSaved):
             logger.info("checkpoint %d saved", event.step)
         elif isinstance(event, Finished):

@@ -76,6 +76,15 @@ class WebUIHost:
             self.shared.state.end()
             self._begun = False
 
+    def sample_saved(self, paths: list) -> None:
+        """The WebUI's live preview (``shared.state.assign_current_image``) shows the newest sample."""
+        if not paths:
+            return
+        from PIL import Image
+
+        with Image.open(paths[0]) as image:
+            self.shared.state.assign_current_image(image.copy())
+
     def interrupted(self) -> bool:
         return bool(getattr(self.shared.state, "interrupted", False))
 

@@ -197,6 +197,7 @@ def test_job_holds_the_queue_lock_and_reports_through_shared_state(sd_model, dat
     assert "already in progress" in seen["busy"]
     assert not lock.locked() and lock.acquired == 1
     assert (shared.state.begun, shared.state.ended) == (1, 1)
+    assert shared.state.current_image is not None and shared.state.current_image.size == (64, 64)  # live preview
     lora_dir = tmp_path / "models" / "Lora"
     assert sorted(p.name for p in lora_dir.iterdir()) == ["w.json", "w.preview.png", "w.safetensors"]
     assert networks.refreshed == 1

@@ -190,6 +190,7 @@ def write(path, text):
     ("bad line", "{tmp}/data.jsonl:2: not valid JSON"),
     ("all too long", "{tmp}/data.jsonl: all 2 record(s) are longer than max_seq_length=8 tokens"),
     ("beyond the context", "max_seq_length 4096 is longer than this model's context (max_position_embeddings = 512"),
+    ("4-bit on the CPU", "4-bit QLoRA needs a CUDA GPU and this run is on the CPU"),
 ])
 def test_bad_inputs_fail_with_one_line_and_write_nothing(workdir, tmp_path, capsys, case, expected):
     from lora_trainer.cli import main
@@ -206,7 +207,10 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(workdir, tmp_path, caps
     argv = ["train", "--task_type", "text-generation", "--base_model", str(model),
             "--train_data_dir", str(write(tmp_path / "data.jsonl", data)), "--output_dir", str(tmp_path / "runs"),
             "--max_seq_length", {"all too long": "8", "beyond the context": "4096"}.get(case, "64"), "--device", "cpu"]
+    if case == "4-bit on the CPU":
+        argv += ["--load_in_4bit", "true"]
     assert main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # lines before it: the same message, logged
     assert last.startswith("error: ") and expected.format(tmp=tmp_path) in last
-    assert not (tmp_path / "runs").exists()  # nothing written before the inputs were checked
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # nothing left behind by the failed run

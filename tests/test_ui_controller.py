@@ -47,6 +47,9 @@ class BlockingHost:
     def progress_finished(self):
         pass
 
+    def sample_saved(self, paths):
+        pass
+
     def interrupted(self):
         return False
 

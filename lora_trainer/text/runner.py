@@ -24,10 +24,10 @@ logger = logging.getLogger("lora_trainer")
 
 
 def run_text_training(config: TrainConfig, events: Optional[EventBus] = None, stop: Optional[StopRequest] = None,
-                      resume_dir: Optional[Path] = None, load_in_4bit: bool = False) -> TrainResult:
+                      resume_dir: Optional[Path] = None) -> TrainResult:
     """Train a LoRA adapter for ``config.base_model``. With ``resume_dir``, continue that run.
 
-    ``load_in_4bit`` loads the base model in 4-bit NF4 (QLoRA; needs bitsandbytes and a CUDA GPU).
+    ``config.load_in_4bit`` loads the base model in 4-bit NF4 (QLoRA; needs bitsandbytes and a CUDA GPU).
     """
     events = events or EventBus()
     with RunGuard(events, resume_dir) as guard:
@@ -50,7 +50,7 @@ def run_text_training(config: TrainConfig, events: Optional[EventBus] = None, st
         for line in data.summary():
             logger.info("%s", line)
         model = load_causal_lm(folder, resolve_device(config.device), config.mixed_precision,
-                               config.gradient_checkpointing, load_in_4bit)
+                               config.gradient_checkpointing, config.load_in_4bit)
         model = attach_lora(model, config.lora_rank, config.lora_alpha, config.target_modules, config.seed)
         from .loop import TextLoop
 
