@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .captions import split_tags, tag_counts
-from .dataset import _FILE_COLUMNS, _TEXT_COLUMNS, _find_images, _normalize_name, _read_sidecar
+from .dataset import find_images, normalize_name, read_csv_records, read_sidecar
 from .errors import DatasetError
 from .files import atomic_dir, write_text_atomic
 
@@ -85,14 +85,14 @@ def load_captions(dataset_dir: str | Path, fmt: str = "auto", caption_extension:
     if (root / "metadata.jsonl").is_file() and not (root / METADATA).is_file():
         raise DatasetError(f"{root / 'metadata.jsonl'}: the caption tools read and write metadata.csv or .txt "
                            "files; convert it to metadata.csv (filename,prompt) or move it out of the folder")
-    images = _find_images(root)
+    images = find_images(root)
     if not images:
         raise DatasetError(f"no images found in {root} (the folder and its sub-folders)")
     ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     table = _read_csv(root / METADATA) if (root / METADATA).is_file() else None
     entries, captions, sidecars = [], {}, {}
     for name in images:
-        key, path = _normalize_name(name), root / name
+        key, path = normalize_name(name), root / name
         entries.append((key, path))
         sidecars[key] = _read_caption_file(path.with_suffix(ext))
         if table is not None:
@@ -100,7 +100,7 @@ def load_captions(dataset_dir: str | Path, fmt: str = "auto", caption_extension:
             cells = table.rows[row] if row is not None else []
             captions[key] = normalize_caption(cells[table.text_col]) if table.text_col < len(cells) else ""
         else:
-            captions[key] = _read_sidecar(path, ext) or ""
+            captions[key] = read_sidecar(path, ext) or ""
     return CaptionSet(root, resolve_format(root, fmt), entries, captions, table, sidecars, ext)
 
 
@@ -181,7 +181,7 @@ class CaptionSet:
         return count
 
     def _key(self, name: str) -> str:
-        key = _normalize_name(str(name))
+        key = normalize_name(str(name))
         if key not in self._paths:
             raise DatasetError(f"{name} is not an image of {self.root}")
         return key
@@ -280,30 +280,15 @@ def _read_csv(path: Path) -> _CsvTable:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    reader = csv.reader(text.splitlines(keepends=True), strict=True)
-    try:
-        header = next(reader, None)
-        if header is None:
-            raise DatasetError(f"{path} is empty; expected a header line 'filename,prompt'")
-        names = [h.strip().lower() for h in header]
-        file_col = next((names.index(c) for c in _FILE_COLUMNS if c in names), None)
-        text_col = next((names.index(c) for c in _TEXT_COLUMNS if c in names), None)
-        if file_col is None or text_col is None:
-            raise DatasetError(f"{path} line 1: the header must name the columns filename,prompt "
-                               f"(found: {','.join(header)})")
-        rows, index = [], {}
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            name = row[file_col] if file_col < len(row) else ""
-            key = _normalize_name(name)
-            if not key:
-                raise DatasetError(f"{path} line {reader.line_num}: empty file name; every row needs "
-                                   "'image file,caption'")
-            index[key] = len(rows)
-            rows.append(row)
-    except csv.Error as exc:
-        raise DatasetError(f"{path} line {reader.line_num}: not valid CSV ({exc}); check its quotes") from None
+    header, file_col, text_col, records = read_csv_records(path, text)
+    rows, index = [], {}
+    for line, row in records:
+        name = row[file_col] if file_col < len(row) else ""
+        key = normalize_name(name)
+        if not key:
+            raise DatasetError(f"{path} line {line}: empty file name; every row needs 'image file,caption'")
+        index[key] = len(rows)
+        rows.append(row)
     newline = "\r\n" if "\r\n" in text else "\n"
     return _CsvTable(header, rows, file_col, text_col, index, raw.startswith(b"\xef\xbb\xbf"), newline)
 

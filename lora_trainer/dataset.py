@@ -24,8 +24,8 @@ logger = logging.getLogger("lora_trainer")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _IGNORED_DIRS = {".ipynb_checkpoints", "__MACOSX"}
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
-_FILE_COLUMNS = ("filename", "file_name", "image")
-_TEXT_COLUMNS = ("prompt", "text", "caption")
+FILE_COLUMNS = ("filename", "file_name", "image")
+TEXT_COLUMNS = ("prompt", "text", "caption")
 _MAX_NAMES = 20  # file names listed in one warning before "and N more"
 
 
@@ -78,11 +78,11 @@ def scan_dataset(train_data_dir: str, metadata_path: str = "", caption_extension
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     root = _check_root(train_data_dir)
-    images = _find_images(root)
+    images = find_images(root)
     if not images:
         raise DatasetError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files in the "
                            "folder and its sub-folders)")
-    keys = {name: _normalize_name(name) for name in images}  # file-system name -> the name metadata uses
+    keys = {name: normalize_name(name) for name in images}  # file-system name -> the name metadata uses
     meta_file = _metadata_file(root, metadata_path)
     captions, source, skipped = _find_captions(root, keys, meta_file, caption_extension)
 
@@ -123,7 +123,7 @@ def _check_root(train_data_dir: str) -> Path:
     return root.resolve()
 
 
-def _find_images(root: Path) -> list[str]:
+def find_images(root: Path) -> list[str]:
     """Image paths relative to root (posix, NFC), sorted: the root's files and one level of sub-folders."""
     found = []
     try:
@@ -140,7 +140,7 @@ def _find_images(root: Path) -> list[str]:
     except OSError as exc:
         raise DatasetError(f"cannot list {root}: {exc.strerror or exc}") from None
     # Sorting by relative path keeps the record order (and so the run) the same on every machine.
-    return sorted(set(found), key=_normalize_name)
+    return sorted(set(found), key=normalize_name)
 
 
 def _hidden(name: str) -> bool:
@@ -182,7 +182,7 @@ def _find_captions(root: Path, keys: dict[str, str], meta_file: Path | None,
     """({normalized name: caption}, caption source, metadata rows naming no image)."""
     if meta_file is None:
         ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-        captions = {key: text for name, key in keys.items() if (text := _read_sidecar(root / name, ext)) is not None}
+        captions = {key: text for name, key in keys.items() if (text := read_sidecar(root / name, ext)) is not None}
         return captions, ext, []
     source = "metadata.jsonl" if meta_file.suffix.lower() == ".jsonl" else "metadata.csv"
     captions = _read_metadata(meta_file)
@@ -204,7 +204,7 @@ def _read_metadata(path: Path) -> dict[str, str]:
     rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
     captions: dict[str, str] = {}
     for line, name, caption in rows:
-        key = _normalize_name(name)
+        key = normalize_name(name)
         if not key:
             raise DatasetError(f"{path} line {line}: empty file name")
         if key in captions:
@@ -213,27 +213,33 @@ def _read_metadata(path: Path) -> dict[str, str]:
     return captions
 
 
-def _csv_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
-    reader = csv.reader(text.splitlines(keepends=True))
+def read_csv_records(path: Path, text: str) -> tuple[list[str], int, int, list[tuple[int, list[str]]]]:
+    """A metadata.csv's header, its filename and caption column indexes, and (line number, cells) per non-empty row.
+
+    Shared by training and the caption editor, so both read exactly the same captions; malformed quoting is an
+    error naming the line, not a silently mangled caption.
+    """
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
     try:
         header = next(reader, None)
         if header is None:
             raise DatasetError(f"{path} is empty; expected a header line 'filename,prompt'")
         names = [h.strip().lower() for h in header]
-        file_col = next((names.index(c) for c in _FILE_COLUMNS if c in names), None)
-        text_col = next((names.index(c) for c in _TEXT_COLUMNS if c in names), None)
+        file_col = next((names.index(c) for c in FILE_COLUMNS if c in names), None)
+        text_col = next((names.index(c) for c in TEXT_COLUMNS if c in names), None)
         if file_col is None or text_col is None:
-            raise DatasetError(f"{path}: the first line must name the columns filename,prompt "
+            raise DatasetError(f"{path} line 1: the header must name the columns filename,prompt "
                                f"(found: {','.join(header)})")
-        rows = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            cells = row + [""] * (max(file_col, text_col) + 1 - len(row))
-            rows.append((reader.line_num, cells[file_col], cells[text_col]))
-        return rows
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as exc:
-        raise DatasetError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
+        raise DatasetError(f"{path} line {reader.line_num}: not valid CSV ({exc}); check its quotes") from None
+    return header, file_col, text_col, rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
+    _, file_col, text_col, rows = read_csv_records(path, text)
+    width = max(file_col, text_col) + 1
+    return [(line, (row + [""] * width)[file_col], (row + [""] * width)[text_col]) for line, row in rows]
 
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
@@ -248,15 +254,15 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, str, str]]:
         if not isinstance(obj, dict):
             raise DatasetError(f"{path} line {line_no}: expected an object like "
                                '{"file_name": "a.png", "text": "a caption"}')
-        name = next((obj[k] for k in _FILE_COLUMNS if k in obj), None)
-        caption = next((obj[k] for k in _TEXT_COLUMNS if k in obj), "")
+        name = next((obj[k] for k in FILE_COLUMNS if k in obj), None)
+        caption = next((obj[k] for k in TEXT_COLUMNS if k in obj), "")
         if not isinstance(name, str) or not isinstance(caption, (str, type(None))):
             raise DatasetError(f"{path} line {line_no}: needs a text 'file_name' and a text 'text' field")
         rows.append((line_no, name, caption or ""))
     return rows
 
 
-def _normalize_name(name: str) -> str:
+def normalize_name(name: str) -> str:
     # Same key for "./10_a\\x.png" and "10_a/x.png"; NFC because macOS stores names decomposed.
     name = unicodedata.normalize("NFC", name.strip().replace("\\", "/"))
     while name.startswith("./"):
@@ -271,7 +277,7 @@ def _absent_reason(path: Path, meta_file: Path) -> str:
     return f"listed in {meta_file.name} but not found"
 
 
-def _read_sidecar(image: Path, ext: str) -> str | None:
+def read_sidecar(image: Path, ext: str) -> str | None:
     """The caption next to ``image`` (``<stem><ext>``, else ``<stem>.caption``); None if there is none."""
     for candidate in dict.fromkeys((image.with_suffix(ext), image.with_suffix(".caption"))):
         if candidate.is_file():

@@ -161,7 +161,7 @@ def test_metadata_csv_without_usable_header(tmp_path):
     root = tmp_path / "data"
     image(root / "a.png")
     text(root / "metadata.csv", "a.png,a caption\n")
-    with pytest.raises(DatasetError, match=r"metadata\.csv: the first line must name the columns filename,prompt"):
+    with pytest.raises(DatasetError, match=r"metadata\.csv line 1: the header must name the columns filename,prompt"):
         scan_dataset(str(root))
 
 
