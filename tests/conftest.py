@@ -23,3 +23,13 @@ def tiny_sd1_files(tiny_sd1, tmp_path_factory):
     ckpt_config = save_tiny_sd1_single_file(tiny_sd1, root / "tiny-ckpt.ckpt")
     return {"folder": root / "tiny-folder", "safetensors": root / "tiny.safetensors", "config": config,
             "ckpt": root / "tiny-ckpt.ckpt", "ckpt_config": ckpt_config}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_files(tmp_path_factory):
+    """A tiny SD2-v checkpoint in the original (ldm, open_clip text encoder) format with its A1111 yaml."""
+    pytest.importorskip("ldm")
+    pytest.importorskip("open_clip")
+    from standins.a1111 import write_tiny_sd2_checkpoint
+
+    return write_tiny_sd2_checkpoint(tmp_path_factory.mktemp("tiny_sd2"))

@@ -41,14 +41,19 @@ def tag_frequency(**tags: int) -> str:
     return json.dumps({"10_shapes": tags})
 
 
-def network_as_trained(targets: Dict[str, torch.nn.Module], rank: int, run_dir: Path) -> LoraNetwork:
-    """A LoRA network holding the exact fp32 parameters of a run's last checkpoint (not the saved file)."""
+def load_trained_state(network: LoraNetwork, run_dir: Path) -> LoraNetwork:
+    """Copy the exact fp32 parameters of a run's last checkpoint (not the saved file) into ``network``."""
     from lora_trainer.checkpoints import list_checkpoints, load_checkpoint_state
 
-    network = LoraNetwork(targets, rank)
     state = load_checkpoint_state(list_checkpoints(run_dir)[-1][1])
     with torch.no_grad():
         params = dict(network.named_parameters())
+        assert params.keys() == state["network"].keys()
         for name, value in state["network"].items():
             params[name].copy_(value)
     return network
+
+
+def network_as_trained(targets: Dict[str, torch.nn.Module], rank: int, run_dir: Path) -> LoraNetwork:
+    """A LoRA network over ``targets`` holding the run's parameters as trained."""
+    return load_trained_state(LoraNetwork(targets, rank), run_dir)

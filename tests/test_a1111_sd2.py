@@ -16,17 +16,12 @@ pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (installed with 
 pytest.importorskip("open_clip")
 pytestmark = pytest.mark.slow
 
-from standins.a1111 import load_ldm_model, write_tiny_sd2_checkpoint  # noqa: E402
+from standins.a1111 import load_ldm_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sd2_files(tmp_path_factory):
-    return write_tiny_sd2_checkpoint(tmp_path_factory.mktemp("tiny_sd2"))
-
-
-@pytest.fixture(scope="module")
-def sd2_model(sd2_files):
-    return load_ldm_model(sd2_files["safetensors"])
+def sd2_model(tiny_sd2_files):
+    return load_ldm_model(tiny_sd2_files["safetensors"])
 
 
 def config(tmp_path, **changes):
@@ -39,12 +34,12 @@ def config(tmp_path, **changes):
     return TrainConfig.from_dict(values)
 
 
-def test_sd2_model_is_recognised_with_kohyas_names(sd2_model, sd2_files):
+def test_sd2_model_is_recognised_with_kohyas_names(sd2_model, tiny_sd2_files):
     assert type(sd2_model.cond_stage_model).__name__ == "FrozenOpenCLIPEmbedder"
     assert not hasattr(sd2_model.cond_stage_model.model, "visual")
     backbone = A1111Backbone(sd2_model)
     assert (backbone.family, backbone.prediction_type) == ("sd2", "v_prediction")
-    reference = sd2_files["backbone"]
+    reference = tiny_sd2_files["backbone"]
     for conv in (False, True):
         assert set(backbone.lora_targets(conv=conv)) == set(reference.lora_targets(conv=conv))
     assert "lora_unet_down_blocks_1_attentions_0_proj_in" in backbone.lora_targets()  # a Linear (use_linear_in_...)
@@ -66,7 +61,7 @@ def test_sd2_text_encoder_lora_is_refused_in_one_line(sd2_model, tmp_path):
     assert all(torch.equal(pristine[k], after[k]) for k in pristine)
 
 
-def test_sd2_file_trained_in_the_webui_reproduces_in_diffusers(sd2_model, sd2_files, tmp_path):
+def test_sd2_file_trained_in_the_webui_reproduces_in_diffusers(sd2_model, tiny_sd2_files, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     pristine = {k: v.clone() for k, v in sd2_model.state_dict().items()}
@@ -86,7 +81,7 @@ def test_sd2_file_trained_in_the_webui_reproduces_in_diffusers(sd2_model, sd2_fi
     assert not any(k.startswith("lora_te") for k in tensors)
 
     network = network_as_trained(backbone.lora_targets(), 4, result.run_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(str(sd2_files["folder"]), safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd2_files["folder"]), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     pipe.load_lora_weights(str(result.lora_path), adapter_name="v2")

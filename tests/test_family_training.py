@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from lora_helpers import load_trained_state
 
 from lora_trainer.backbones.base import TrainSize
 from lora_trainer.backbones.single_file import load_backbone_from_path
-from lora_trainer.checkpoints import list_checkpoints, load_checkpoint_state
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
 from lora_trainer.lora_file import read_lora_file
@@ -46,14 +46,7 @@ def folders(tiny_sd1_files, tmp_path_factory):
 
 def trained_network(config, backbone, run_dir):
     """The network exactly as trained: fp32 parameters from the final checkpoint's state."""
-    network = build_network(config, backbone)
-    state = load_checkpoint_state(list_checkpoints(run_dir)[-1][1])
-    with torch.no_grad():
-        params = dict(network.named_parameters())
-        assert params.keys() == state["network"].keys()
-        for name, value in state["network"].items():
-            params[name].copy_(value)
-    return network
+    return load_trained_state(build_network(config, backbone), run_dir)
 
 
 def _count_adapted(module, adapter: str) -> int:

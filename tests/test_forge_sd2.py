@@ -15,26 +15,20 @@ pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (installed with 
 pytest.importorskip("open_clip")
 pytestmark = pytest.mark.slow
 
-from standins.a1111 import write_tiny_sd2_checkpoint  # noqa: E402
 from standins.forge import load_forge_model  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def sd2_files(tmp_path_factory):
-    return write_tiny_sd2_checkpoint(tmp_path_factory.mktemp("tiny_sd2"))
-
-
-def test_forge_sd2_trains_unet_and_clip_h_and_reproduces_in_diffusers(sd2_files, tmp_path):
+def test_forge_sd2_trains_unet_and_clip_h_and_reproduces_in_diffusers(tiny_sd2_files, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    forge_model = load_forge_model(sd2_files)
+    forge_model = load_forge_model(tiny_sd2_files)
     unet = forge_model.forge_objects.unet.model.diffusion_model
     encoders = forge_model.forge_objects.clip.cond_stage_model
     assert list(encoders) == ["clip_h"]
     pristine = {k: v.clone() for k, v in [*unet.state_dict().items(), *encoders.state_dict().items()]}
     backbone = ForgeBackbone(forge_model)
     assert (backbone.family, backbone.prediction_type) == ("sd2", "v_prediction")
-    reference = sd2_files["backbone"]
+    reference = tiny_sd2_files["backbone"]
     assert set(backbone.lora_targets(text_encoder=True)) == set(reference.lora_targets(text_encoder=True))
 
     config = TrainConfig.from_dict({
@@ -55,7 +49,7 @@ def test_forge_sd2_trains_unet_and_clip_h_and_reproduces_in_diffusers(sd2_files,
     assert all(v.abs().sum() > 0 for v in ups.values()), "a layer got no gradient"
 
     network = network_as_trained(backbone.lora_targets(text_encoder=True), 4, result.run_dir)
-    pipe = StableDiffusionPipeline.from_pretrained(str(sd2_files["folder"]), safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd2_files["folder"]), safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.load_lora_weights(str(result.lora_path), adapter_name="fv2")
     gen = torch.Generator().manual_seed(6)
