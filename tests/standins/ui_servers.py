@@ -12,16 +12,20 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
 
+from lora_trainer.api import PREFIX
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 OVERLAYS = {"current": None, "4.40.0": ROOT / ".venv-gradio4", "3.41.2": ROOT / ".venv-gradio3"}
+API_READY_PATH = PREFIX.lstrip("/") + "/runs"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
@@ -48,9 +52,24 @@ def server_env(version: str, extra_paths: List[Path] = (), cache: Optional[Path]
     return env
 
 
+def answers(url: str) -> Optional[int]:
+    """The HTTP status ``url`` answers with, or None when nothing answers yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
-def running_server(command: List[str], env: dict, log_path: Path, port: int, timeout: float = 120) -> Iterator[str]:
-    """Run ``command`` (which serves on ``port``) until the block ends; yields its URL."""
+def running_server(command: List[str], env: dict, log_path: Path, port: int, timeout: float = 120,
+                   ready_path: str = API_READY_PATH) -> Iterator[str]:
+    """Run ``command`` (which serves on ``port``) until the block ends; yields its URL once the page and
+    ``ready_path`` answer. The API routes join gradio's app just after gradio starts serving (there is no hook
+    before), so the page alone answering does not mean the API is there yet: a 401 or 200 on ``ready_path``
+    does."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w", encoding="utf-8") as log:
@@ -60,12 +79,8 @@ def running_server(command: List[str], env: dict, log_path: Path, port: int, tim
             while True:
                 if proc.poll() is not None:
                     raise AssertionError(f"server exited with {proc.returncode}:\n{log_tail(log_path)}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
+                if answers(url) == 200 and answers(url + ready_path.lstrip("/")) not in (None, 404):
+                    break
                 if time.monotonic() > deadline:
                     raise AssertionError(f"server did not answer in {timeout:.0f} s:\n{log_tail(log_path)}")
                 time.sleep(0.5)
