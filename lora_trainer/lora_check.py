@@ -27,6 +27,8 @@ SWEEP_STEPS = 8  # enough for the picture to take shape; the sweep must stay che
 MIN_MEAN_CHANGE = 1.0 / 255.0  # mean absolute pixel change (0..1) below which the LoRA "barely changes" the image
 SWEEP_FILE = "strength_sweep.png"
 REPORT_FILE = "lora_check.json"
+PRODUCT_FACTORS = ("lora_up.weight", "lora_down.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                   "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
 @dataclass
@@ -44,10 +46,15 @@ class LoraCheck:
 
 
 def weight_problems(tensors: Dict[str, torch.Tensor]) -> List[str]:
-    """Warnings for NaN/inf weights and all-zero layers (``lora_up`` of zeros: the layer does nothing)."""
+    """Warnings for NaN/inf weights and layers that do nothing: a layer's change is a product of its factors
+    (``up @ down``; LoHa's Hadamard and LoKr's Kronecker products), so one all-zero factor makes it zero."""
     bad = sorted({k.split(".", 1)[0] for k, v in tensors.items() if not bool(torch.isfinite(v).all())})
-    ups = {k.split(".", 1)[0]: v for k, v in tensors.items() if k.endswith(".lora_up.weight")}
-    zero = sorted(name for name, v in ups.items() if not bool(v.any()))
+    ups: Dict[str, List[torch.Tensor]] = {}  # layer -> the factors its change is a product of
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix in PRODUCT_FACTORS:
+            ups.setdefault(name, []).append(value)
+    zero = sorted(name for name, factors in ups.items() if any(not bool(f.any()) for f in factors))
     out = []
     if bad:
         out.append(f"{len(bad)} of {len(ups)} LoRA layers hold NaN or infinite weights (first: {bad[0]}); the file is "

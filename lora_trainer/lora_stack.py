@@ -29,17 +29,19 @@ from .lora_formats import (
     family_from_metadata,
     family_from_sidecar,
     family_label,
+    kohya_view,
     load_tensors,
     lora_pairs,
     part_of,
     read_header,
     with_kohya_names,
 )
-from .network import LoraNetwork
+from .network import LoraNetwork, lycoris_view, make_module, point_at
 
 logger = logging.getLogger("lora_trainer")
 
 LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+APPLICABLE_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 
 
 # ---- finding files by name ---------------------------------------------------------------------------------------
@@ -101,12 +103,12 @@ class LoraFile:
         path = Path(path)
         shapes, metadata = read_header(path)
         layout = describe_layout(shapes)
-        if layout.network_type not in ("lora", "locon"):
+        if layout.network_type not in APPLICABLE_TYPES:
             if layout.network_type == "unknown":
                 raise ModelError(f"{path}: holds no LoRA weights; is it a base model or an embedding? "
                                  "Give a LoRA file")
-            raise ModelError(f"{path}: a {layout.network_type.upper()} file; only plain LoRA/LoCon files can be "
-                             "applied here (the WebUI applies it; `inspect` describes it)")
+            raise ModelError(f"{path}: a {layout.network_type.upper()} file; LoRA, LoCon, LoHa, LoKr and DoRA "
+                             "files can be applied here (the WebUI applies others; `inspect` describes it)")
         tensors = with_kohya_names(path, load_tensors(path), metadata)
         return cls(path, tensors, metadata, *file_family(path, metadata, shapes))
 
@@ -134,40 +136,92 @@ def file_family(path: Path, metadata: Dict[str, str], shapes: Dict[str, Tuple[in
 
 # ---- a network whose layers and ranks come from a file -------------------------------------------------------------
 class FileLoraNetwork(LoraNetwork):
-    """A LoraNetwork over exactly the layers of a kohya/diffusers/peft LoRA file, each at the file's own rank."""
+    """A LoraNetwork over exactly the layers of a LoRA file, each at the file's own rank: plain LoRA/LoCon under
+    any key style (kohya, diffusers, peft), and LoHa, LoKr and DoRA as kohya / LyCORIS write them."""
 
     def __init__(self, targets: Dict[str, nn.Module], tensors: Dict[str, torch.Tensor], source: str):
         nn.Module.__init__(self)
-        from lycoris.modules.locon import LoConModule
-
-        pairs = {_target_name(name, targets): value for name, value in lora_pairs(tensors, source).items()}
-        matched = [name for name in pairs if name in targets]
+        kohya = _file_layers(tensors, source)
+        layers = {_target_name(name, targets): weights for name, weights in kohya.items()}
+        matched = [name for name in layers if name in targets]
         if not matched:
-            first = next(iter(pairs), "(none)")
-            raise ModelError(f"{source}: none of its {len(pairs)} layers is in this model (first: {first}); it was "
+            first = next(iter(layers), "(none)")
+            raise ModelError(f"{source}: none of its {len(layers)} layers is in this model (first: {first}); it was "
                              "made for another model family or naming; choose a LoRA for this base model")
-        skipped = len(pairs) - len(matched)
+        skipped = len(layers) - len(matched)
         if skipped:
             logger.warning("%s: %d of its %d layers are not in this model and are skipped (as the WebUI does)",
-                           source, skipped, len(pairs))
+                           source, skipped, len(layers))
         self.modules_by_name = nn.ModuleDict()
-        with torch.random.fork_rng(devices=[]):  # LoConModule draws initial weights; leave the caller's RNG alone
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # modules draw initial weights; keep the RNG
             for name in matched:
-                down, _, alpha = pairs[name]
-                self.modules_by_name[name] = LoConModule(name, targets[name], 1.0, down.shape[0], alpha,
-                                                         bypass_mode=True)
+                module = _module_for_file_layer(name, targets[name], layers[name], source)
+                point_at(module, targets[name])
+                self.modules_by_name[name] = module
         self.attached = False
-        kohya = {}
-        for name in matched:
-            down, up, alpha = pairs[name]
-            kohya.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-                          f"{name}.alpha": torch.tensor(alpha)})
-        self.load_kohya_state_dict(kohya, source)
+        self.load_kohya_state_dict({f"{name}.{key}": value for name in matched
+                                    for key, value in layers[name].items()}, source)
 
     def set_part_multipliers(self, te: float, unet: float) -> None:
         """A1111's ``<lora:name:te:unet>``: text-encoder layers at ``te``, UNet layers at ``unet``."""
         for name, module in self.modules_by_name.items():
             module.multiplier = te if part_of(name) == "te" else unet
+
+
+def _file_layers(tensors: Dict[str, torch.Tensor], source: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """kohya module name -> its file weights by kohya suffix (``lora_down.weight``, ``hada_w1_a``, ``alpha``...).
+
+    Plain LoRA goes through ``lora_pairs`` (any key style, damaged pairs reported); LyCORIS layers are read as
+    kohya keys. A missing alpha means scale 1, as A1111 reads it.
+    """
+    kohya = kohya_view(tensors)
+    layout = describe_layout({k: tuple(v.shape) for k, v in kohya.items()})
+    if layout.network_type in ("lora", "locon"):
+        return {name: {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(alpha)}
+                for name, (down, up, alpha) in lora_pairs(tensors, source).items()}
+    layers: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in layout.modules}
+    for key, value in kohya.items():
+        name, _, suffix = key.partition(".")
+        if name in layers:
+            layers[name][suffix] = value.float()
+    for weights in layers.values():
+        if "alpha" not in weights:
+            weights["alpha"] = torch.tensor(float(_file_rank(weights)))
+    return layers
+
+
+def _file_rank(weights: Dict[str, torch.Tensor]) -> int:
+    for key, dim in (("lora_down.weight", 0), ("hada_w1_b", 0), ("lokr_w1_b", 0), ("lokr_w2_b", 0)):
+        if key in weights:
+            return int(weights[key].shape[dim])
+    return 1  # a LoKr layer with no decomposed factor: A1111 uses scale 1
+
+
+def _module_for_file_layer(name: str, layer: nn.Module, weights: Dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The lycoris module that holds one file layer, in bypass mode (DoRA: A1111's merge, as in training)."""
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    get, alpha = weights.get, float(weights["alpha"])
+    try:
+        if "hada_w1_a" in weights:
+            module = LohaModule.make_module_from_state_dict(
+                name, lycoris_view(layer), get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"),
+                get("hada_t1"), get("hada_t2"), alpha, None)
+        elif "lokr_w1" in weights or "lokr_w1_a" in weights:
+            module = LokrModule.make_module_from_state_dict(
+                name, lycoris_view(layer), get("lokr_w1"), get("lokr_w1_a"), get("lokr_w1_b"), get("lokr_w2"),
+                get("lokr_w2_a"), get("lokr_w2_b"), None, get("lokr_t2"), alpha, None)
+        elif "dora_scale" in weights:
+            return make_module("dora", name, layer, _file_rank(weights), alpha, -1)
+        else:
+            return make_module("lora", name, layer, _file_rank(weights), alpha, -1)
+    except (TypeError, AttributeError, RuntimeError, ValueError) as exc:  # a factor missing or of the wrong shape
+        raise ModelError(f"{source}: layer {name} does not fit this model or misses a weight "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); the file is damaged or made "
+                         "for another model") from None
+    module.bypass_mode = True  # y = W x + delta(x); the base weight is never read or changed
+    return module
 
 
 def _target_name(name: str, targets: Dict[str, nn.Module]) -> str:

@@ -75,8 +75,8 @@ class LoraNetwork(nn.Module):
                 dim = conv_rank if conv else rank
                 a = (conv_alpha if conv else alpha)
                 a = float(dim if a is None else a)
-                module = _make_module(algorithm, name, layer, dim, a, lokr_factor)
-                _point_at(module, layer)
+                module = make_module(algorithm, name, layer, dim, a, lokr_factor)
+                point_at(module, layer)
                 self.modules_by_name[name] = module
         self.attached = False
 
@@ -174,8 +174,8 @@ class LoraNetwork(nn.Module):
         return first.lora_dim, float(first.alpha)
 
 
-def _make_module(algorithm: str, name: str, layer: nn.Module, dim: int, alpha: float, lokr_factor: int) -> nn.Module:
-    view = _lycoris_view(layer, with_weight=algorithm == "dora")
+def make_module(algorithm: str, name: str, layer: nn.Module, dim: int, alpha: float, lokr_factor: int) -> nn.Module:
+    view = lycoris_view(layer, with_weight=algorithm == "dora")
     if algorithm == "loha":
         from lycoris.modules.loha import LohaModule
 
@@ -240,7 +240,7 @@ def _shape_error(source: str, module: nn.Module, key: str, got: torch.Size, need
                       "trained for another model, choose one made for this base model")
 
 
-def _lycoris_view(layer: nn.Module, with_weight: bool = False) -> nn.Module:
+def lycoris_view(layer: nn.Module, with_weight: bool = False) -> nn.Module:
     """lycoris recognises only torch's own Linear/Conv classes. Forge builds its own Linear (a plain Module with
     ``weight``, ``in_features``, ``out_features``); lycoris is shown a same-shaped nn.Linear on the meta device
     instead, and the LoRA is then attached to the real layer (bypass mode never reads the base weight).
@@ -253,7 +253,7 @@ def _lycoris_view(layer: nn.Module, with_weight: bool = False) -> nn.Module:
     return view
 
 
-def _point_at(module: nn.Module, layer: nn.Module) -> None:
+def point_at(module: nn.Module, layer: nn.Module) -> None:
     if module.org_module[0] is not layer:
         module.org_module = [layer]
         module.org_forward = layer.forward

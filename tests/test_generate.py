@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from a1111_lora_math import a1111_deltas, merge_like_a1111
 from lora_helpers import sd1_metadata, write_random_lora
 from PIL import Image
 
 from lora_trainer import cli
 from lora_trainer.errors import ConfigError
 from lora_trainer.hashing import addnet_hash_file
+from lora_trainer.lora_file import save_lora_file
 from lora_trainer.lora_formats import lora_pairs
 from lora_trainer.lora_stack import LoraFile, attached_stack, load_stack
+from lora_trainer.network import LoraNetwork
 from lora_trainer.prompt_syntax import format_infotext, parse_infotext, parse_prompt
 
 
@@ -25,15 +28,25 @@ def lora_dir(tiny_sd1, tmp_path_factory):
                       metadata=sd1_metadata("ink"))
     write_random_lora(root / "xl.safetensors", targets, seed=3,
                       metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_output_name": "xl"})
-    from lycoris.modules import LohaModule
     from safetensors.torch import save_file
 
-    loha = {f"{name}.{k}": v.contiguous() for name, layer in list(targets.items())[:4]
-            for k, v in LohaModule(name, layer, 1.0, 2, 1.0).state_dict().items()}
-    save_file(loha, str(root / "hada.safetensors"), metadata=sd1_metadata("hada"))
+    ia3 = {f"{name}.{k}": v for name, layer in list(targets.items())[:4] if isinstance(layer, torch.nn.Linear)
+           for k, v in (("weight", torch.ones(layer.out_features)), ("on_input", torch.tensor(False)))}
+    save_file(ia3, str(root / "ia3.safetensors"), metadata=sd1_metadata("ia3"))
+    save_lora_file(root / "hada.safetensors", random_variant(targets, "loha", seed=4), sd1_metadata("hada"))
     data = (root / "brand.safetensors").read_bytes()
     (root / "broken.safetensors").write_bytes(data[: len(data) // 3])
     return root
+
+
+def random_variant(targets, algorithm: str, seed: int) -> dict:
+    """kohya/LyCORIS tensors of a LoHa/LoKr/DoRA network with every factor random (fresh ones start at zero)."""
+    network = LoraNetwork(targets, 2, 1.0, seed=seed, algorithm=algorithm)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    return network.kohya_state_dict()
 
 
 def run_cli(argv, capsys):
@@ -101,6 +114,38 @@ def test_two_loras_blend_exactly_like_diffusers_adapters(tiny_sd1, tiny_sd1_file
     assert not [n for n, m in tiny_sd1.unet.named_modules() if "forward" in m.__dict__], "a LoRA stayed attached"
 
 
+@pytest.mark.parametrize("algorithm", ["loha", "lokr", "dora"])
+def test_lycoris_files_apply_as_a1111_merges_them(algorithm, tiny_sd1, tmp_path):
+    """<lora:name:0.5:1.0> with a LoHa, LoKr or DoRA file: the text encoder at 0.5 and the UNet at 1.0, exactly
+    what A1111's merge of the same file gives."""
+    targets = tiny_sd1.lora_targets(conv=algorithm != "dora", text_encoder=True)
+    path = save_lora_file(tmp_path / f"{algorithm}.safetensors", random_variant(targets, algorithm, seed=7),
+                          sd1_metadata(algorithm))
+    lora = LoraFile.read(path)
+    assert lora.family == "sd1"
+    entries = load_stack(targets, [(lora, 0.5, 1.0)])
+    gen = torch.Generator().manual_seed(1)
+    x, t, cond = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10, 700]), torch.randn(2, 77, 32, generator=gen)
+    ids = tiny_sd1.tokenize(["a red circle", "ltdemo, a green square"])
+    deltas = a1111_deltas(lora.tensors, targets)
+    originals = {name: targets[name].weight.detach().clone() for name in deltas}
+    with torch.no_grad():
+        base, base_text = tiny_sd1.predict(x, t, cond), tiny_sd1.text_encoder(ids).last_hidden_state
+        with attached_stack(entries):
+            ours, ours_text = tiny_sd1.predict(x, t, cond), tiny_sd1.text_encoder(ids).last_hidden_state
+        try:
+            for part, weight in (("lora_te_", 0.5), ("lora_unet_", 1.0)):
+                chosen = {n: d for n, d in deltas.items() if n.startswith(part)}
+                merge_like_a1111(chosen, originals, targets, weight)
+            theirs, theirs_text = tiny_sd1.predict(x, t, cond), tiny_sd1.text_encoder(ids).last_hidden_state
+        finally:
+            for name, weight in originals.items():
+                targets[name].weight.copy_(weight)
+    assert (theirs - base).abs().max() > 1e-3 and (theirs_text - base_text).abs().max() > 1e-3
+    assert (ours - theirs).abs().max() <= 1e-5 and (ours_text - theirs_text).abs().max() <= 1e-5
+    assert torch.equal(tiny_sd1.predict(x, t, cond), base), "the model is not back to its own weights"
+
+
 def _apply(layer, down, up, x):
     if isinstance(layer, torch.nn.Conv2d):
         mid = torch.nn.functional.conv2d(x, down, stride=layer.stride, padding=layer.padding)
@@ -134,7 +179,7 @@ def test_generate_writes_a_png_whose_infotext_parses_back(tiny_sd1_files, lora_d
     ("<lora:xl:0.7>", "a LoRA for SDXL (from its metadata), the base model is SD1"),
     ("<lora:broken:0.7>", "broken.safetensors: truncated"),
     ("<lora:brand:strong>", "is not a number"),
-    ("<lora:hada:1>", "hada.safetensors: a LOHA file; only plain LoRA/LoCon files can be applied here"),
+    ("<lora:ia3:1>", "ia3.safetensors: a IA3 file; LoRA, LoCon, LoHa, LoKr and DoRA files can be applied here"),
 ])
 def test_bad_loras_are_one_line_errors(tag, expected, tiny_sd1_files, lora_dir, tmp_path, capsys):
     out = tmp_path / "img.png"
@@ -146,3 +191,16 @@ def test_bad_loras_are_one_line_errors(tag, expected, tiny_sd1_files, lora_dir, 
     if "brnad" in tag:
         assert "did you mean 'brand'?" in last
     assert not out.exists()
+
+
+def test_generate_applies_a_loha_file_by_its_name(tiny_sd1_files, lora_dir, tmp_path, capsys):
+    images = []
+    for weight in (0, 1):
+        out = tmp_path / f"hada_{weight}.png"
+        rc, _, err, _ = run_cli(["generate", "--base", str(tiny_sd1_files["folder"]), "--prompt",
+                                 f"a cat, <lora:hada:{weight}>", "--seed", "3", "--steps", "2", "--size", "64x64",
+                                 "--lora-dir", str(lora_dir), "--out", str(out)], capsys)
+        assert rc == 0, err
+        with Image.open(out) as image:
+            images.append(torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float32))
+    assert (images[0] - images[1]).abs().mean() > 1.0, "the LoHa changes nothing"

@@ -37,6 +37,12 @@ def test_weight_problems():
     assert weight_problems(some_zero) == ["1 of 2 LoRA layers are all zero (first: a); they change nothing"]
     all_zero = dict(some_zero, **{"b.lora_up.weight": torch.zeros(3, 2)})
     assert "every LoRA weight is zero" in weight_problems(all_zero)[0]
+    # LoHa / LoKr: one all-zero factor of the product zeroes the layer (a fresh LoHa has hada_w2_a = 0)
+    loha = {f"c.{k}": torch.ones(2, 2) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    lokr = {"d.lokr_w1": torch.ones(2, 2), "d.lokr_w2_a": torch.ones(2, 1), "d.lokr_w2_b": torch.zeros(1, 2)}
+    assert weight_problems(dict(ok, **loha)) == []
+    assert weight_problems({**ok, **loha, "c.hada_w2_a": torch.zeros(2, 2), **lokr}) == [
+        "2 of 4 LoRA layers are all zero (first: c); they change nothing"]
 
 
 def test_a_working_lora_passes_and_the_sweep_is_saved(tiny_sd1, tmp_path):

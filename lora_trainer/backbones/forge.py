@@ -6,7 +6,7 @@ Forge differs from A1111 in ways that matter for training (webui_internals.md §
 - its parameters, conds and latents are *inference tensors* (built under ``torch.inference_mode``),
   which autograd refuses to save: each is replaced, one at a time, by an ordinary tensor with the same
   values (memory-neutral; Forge runs ordinary tensors just as well);
-- its Linear layers are Forge's own class (LoRA attaches to them through ``network._lycoris_view``);
+- its Linear layers are Forge's own class (LoRA attaches to them through ``network.lycoris_view``);
 - LoRAs are patched in by replacing Parameter objects and cached by file name; ``refresh_loras()``
   on the original patchers undoes that;
 - low-bit storage (fp8, nf4, gguf) cannot be trained;
