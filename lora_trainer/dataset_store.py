@@ -167,11 +167,16 @@ class DatasetStore:
         staging = self.root / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         report, total = UploadReport(), [0]
+
+        def check_cancelled() -> None:
+            if cancelled is not None and cancelled():
+                raise DatasetError("the upload was cancelled; nothing was added")
+
         try:
             for sent_name, source in files:
-                if cancelled is not None and cancelled():
-                    raise DatasetError("the upload was cancelled; nothing was added")
-                self._stage_one(sent_name, Path(source), staging, report, total)
+                check_cancelled()
+                self._stage_one(sent_name, Path(source), staging, report, total, check_cancelled)
+            check_cancelled()  # the last moment: from here on the files move in
             clashes = [p.name for p in staging.iterdir() if (folder / p.name).exists()]
             for item in sorted(staging.iterdir()):
                 target = folder / item.name
@@ -183,19 +188,21 @@ class DatasetStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _stage_one(self, sent_name: str, source: Path, staging: Path, report: UploadReport, total: list) -> None:
+    def _stage_one(self, sent_name: str, source: Path, staging: Path, report: UploadReport, total: list,
+                   check_cancelled: Callable[[], None]) -> None:
         try:
             clean = safe_file_name(sent_name)
         except DatasetError as exc:
             report.refused.append((sent_name, str(exc).split(": ", 1)[-1]))
             return
         if clean.lower().endswith(".zip"):
-            self._stage_zip(clean, source, staging, report, total)
+            self._stage_zip(clean, source, staging, report, total, check_cancelled)
             return
         size = source.stat().st_size
         self._stage_checked(clean, size, lambda target: shutil.copyfile(source, target), staging, report, total)
 
-    def _stage_zip(self, name: str, source: Path, staging: Path, report: UploadReport, total: list) -> None:
+    def _stage_zip(self, name: str, source: Path, staging: Path, report: UploadReport, total: list,
+                   check_cancelled: Callable[[], None]) -> None:
         try:
             archive = zipfile.ZipFile(source)
         except zipfile.BadZipFile:
@@ -210,6 +217,7 @@ class DatasetStore:
                                                  "folder; nothing from this archive was added"))
                     return
             for entry in entries:
+                check_cancelled()
                 inner = PurePosixPath(entry.filename.replace("\\", "/"))
                 if inner.name.startswith(".") or "__MACOSX" in inner.parts:
                     continue

@@ -130,3 +130,60 @@ def test_limits_in_megabytes_from_flags_and_settings(caplog):
         UploadLimits.from_mb(0, 10)  # a flag: refused
     assert UploadLimits.from_mb("lots", 10, fallback=UploadLimits()) == UploadLimits()  # a setting: the defaults
     assert "using 50 MiB and 4 GiB" in caplog.text
+
+
+def test_cancel_in_the_middle_of_a_zip_adds_nothing(store, tmp_path):
+    store.create("d")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(5):
+            zf.writestr(f"{i}.png", png_bytes())
+    checks = {"n": 0}
+
+    def cancelled():  # between files, then per zip entry: cancel after the archive's second entry
+        checks["n"] += 1
+        return checks["n"] > 3
+
+    with pytest.raises(DatasetError, match="cancelled; nothing was added"):
+        store.add_files("d", [put(tmp_path, "a.png", png_bytes()), put(tmp_path, "set.zip", archive.getvalue())],
+                        cancelled=cancelled)
+    assert tree(store.root) == ["d"]
+
+
+def test_the_tabs_cancel_stops_a_running_upload(tmp_path):
+    """The Cancel upload button (DatasetManager.cancel_upload) while files are being staged: the upload fails with
+    one line, Cancel answers once it has rolled back, and the dataset is as before."""
+    import threading
+
+    from lora_trainer.host import StandaloneHost
+    from lora_trainer.ui.context import TabContext
+    from lora_trainer.ui.dataset_manager import DatasetManager
+
+    manager = DatasetManager(TabContext(StandaloneHost, tmp_path / "runs", datasets_dir=tmp_path / "datasets"))
+    assert manager.cancel_upload() == "no upload is running; nothing to cancel"
+    manager.create("d")
+    manager.upload("d", [put(tmp_path, "kept.png", png_bytes())])
+    staged_one = threading.Event()
+
+    def slow_files():  # a long upload: the second file comes only once Cancel has been pressed
+        yield put(tmp_path, "a.png", png_bytes())
+        staged_one.set()
+        assert manager._cancel.wait(30)
+        yield put(tmp_path, "b.png", png_bytes())
+
+    failure = {}
+
+    def run():
+        try:
+            manager.upload("d", slow_files())
+        except DatasetError as exc:
+            failure["error"] = str(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert staged_one.wait(30)
+    assert manager.cancel_upload() == "upload cancelled: nothing was added"
+    thread.join(30)
+    assert failure == {"error": "the upload was cancelled; nothing was added"}
+    assert tree(tmp_path / "datasets") == ["d", "d/kept.png"]
+    assert manager.cancel_upload() == "no upload is running; nothing to cancel"

@@ -181,6 +181,8 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         assert sorted(p.name for p in data.iterdir()) == expected  # the refused files left no trace
         assert [p.name for p in data.parent.iterdir()] == ["shapes"]  # no staging folder left behind
         assert not list(tmp_path.rglob("escaped.png")) and not list(tmp_path.rglob("ok.png"))
+        # Cancel answers outside the queue (a running upload is stopped between files: test_dataset_store.py)
+        tab.status_after("lora_trainer_upload_cancel", "no upload is running; nothing to cancel")
         tab.mark("bad uploads refused")
 
         tab.fill("lora_trainer_cfg_output_name", "bad/name")

@@ -7,6 +7,8 @@ and caption files only, size caps, zip-slip refused, safe names, all or nothing)
 
 from __future__ import annotations
 
+import itertools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
@@ -18,6 +20,7 @@ from .context import TabContext
 
 SEPARATOR = " — "  # between a dataset's name and its counts in the list; no dataset name can contain it
 _LISTED = 10
+CANCEL_WAIT_S = 60  # how long Cancel waits for the running upload to roll back before it answers
 
 
 @dataclass
@@ -48,6 +51,11 @@ def report_text(report: UploadReport) -> str:
 class DatasetManager:
     def __init__(self, context: TabContext):
         self.context = context
+        # Cancel reaches a running upload through these (one tab, one person: a cancel stops every running upload).
+        self._cancel = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._outcome = ""
 
     @property
     def store(self) -> DatasetStore:
@@ -91,14 +99,32 @@ class DatasetManager:
                          folder=str(folder), report="")
 
     def upload(self, choice: Optional[str], files: Iterable[Tuple[str, Path]]) -> DatasetsView:
-        """Add uploaded files ``(name as sent, temporary path)`` to the chosen dataset."""
-        files = list(files)
-        if not files:
+        """Add uploaded files ``(name as sent, temporary path)`` to the chosen dataset; ``cancel_upload`` stops
+        it (between files and zip entries) and nothing is added."""
+        files = iter(files)
+        first = next(files, None)
+        if first is None:
             raise UserError("drop images, .txt captions, a metadata.csv or a .zip to add")
         name = self.name_of(choice)
-        report = self.store.add_files(name, files)
+        self._cancel.clear()
+        self._idle.clear()
+        self._outcome = "cancelled: nothing was added"
+        try:
+            report = self.store.add_files(name, itertools.chain([first], files), cancelled=self._cancel.is_set)
+            self._outcome = f"came too late: the upload had finished ({report.message()})"
+        finally:
+            self._idle.set()
         return self.view(name, f"{name}: {report.message()}", folder=str(self.store.path(name)),
                          report=report_text(report))
+
+    def cancel_upload(self) -> str:
+        """Stop the running upload and say what became of it (one line for the status box)."""
+        if self._idle.is_set():
+            return "no upload is running; nothing to cancel"
+        self._cancel.set()
+        if not self._idle.wait(CANCEL_WAIT_S):
+            return f"cancel asked; the upload is still rolling back after {CANCEL_WAIT_S} s"
+        return f"upload {self._outcome}"
 
     def rename(self, choice: Optional[str], new_name: str, folder: str) -> DatasetsView:
         name = self.name_of(choice)

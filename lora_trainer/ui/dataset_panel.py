@@ -32,8 +32,10 @@ class DatasetPanel:
         with gr.Row():
             self.upload = make(gr.File, label="Add images with .txt captions or a metadata.csv, or a .zip",
                                file_count="multiple", elem_id="lora_trainer_dataset_upload", scale=3)
-            self.report = make(gr.Textbox, label="Upload report", interactive=False, lines=4, max_lines=12,
-                               elem_id="lora_trainer_upload_report", scale=2)
+            with gr.Column(scale=2):
+                self.report = make(gr.Textbox, label="Upload report", interactive=False, lines=4, max_lines=12,
+                                   elem_id="lora_trainer_upload_report")
+                self.cancel = make(gr.Button, value="Cancel upload", size="sm", elem_id="lora_trainer_upload_cancel")
         with gr.Row():
             self.rename_to = make(gr.Textbox, label="Rename the dataset to", elem_id="lora_trainer_dataset_rename_to")
             self.rename = make(gr.Button, value="Rename", elem_id="lora_trainer_dataset_rename")
@@ -83,5 +85,7 @@ class DatasetPanel:
         self.new_name.submit(create, [self.new_name], outputs)
         # The dropped files are cleared once handled, so the next drop starts from an empty box.
         self.upload.upload(upload, [self.choice, self.upload], outputs).then(lambda: None, None, [self.upload])
+        # Outside the queue: a click must reach the server while the upload itself holds a queue worker.
+        self.cancel.click(guarded(1)(m.cancel_upload), None, [status], queue=False)
         self.rename.click(rename, [self.choice, self.rename_to, folder], outputs)
         self.delete.click(delete, [self.choice, self.confirm, folder], outputs)
