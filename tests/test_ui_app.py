@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -47,3 +48,17 @@ def test_the_standalone_app_serves_the_api_behind_its_login(tmp_path):
         assert str(tmp_path / "datasets") in answer["error"]  # the tab's datasets folder, beside the runs folder
         status, answer = call(f"{api}/jobs", {"train_data_dir": str(data)}, auth=("alice", "s3cret"))
         assert status == 422 and "base_model" in answer["error"]  # an allowed folder: only the model is missing
+
+        # A client that gives up half-way through sending images (a cancelled upload): nothing is written, and
+        # the server goes on answering.
+        image = base64.b64encode((data / "shape_00.png").read_bytes()).decode()
+        body = json.dumps({"output_name": "cut", "images": [{"name": f"{i}.png", "data": image, "caption": "x"}
+                                                            for i in range(40)]}).encode()
+        login = base64.b64encode(b"alice:s3cret").decode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(f"POST {PREFIX}/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {login}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                         + body[: len(body) // 2])
+        assert call(f"{api}/runs", auth=("alice", "s3cret")) == (200, {"runs": []})
+        datasets = tmp_path / "datasets"
+        assert not datasets.exists() or not any(datasets.iterdir()), list(datasets.iterdir())
