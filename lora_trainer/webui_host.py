@@ -19,10 +19,21 @@ from .events import Progress
 logger = logging.getLogger("lora_trainer")
 
 
+def forge_hooks(sd_models) -> dict:
+    """Forge's lazy model load (``sd_models.forge_model_reload``) and its memory manager's ``load_model_gpu``, as
+    WebUIHost keyword arguments; both None in A1111, which has neither (nor a ``backend`` package)."""
+    try:
+        from backend.memory_management import load_model_gpu
+    except ImportError:
+        load_model_gpu = None
+    return {"forge_reload": getattr(sd_models, "forge_model_reload", None), "load_model_gpu": load_model_gpu}
+
+
 class WebUIHost:
     def __init__(self, shared, queue_lock, lora_dir: Path, devices=None, networks=None, render=None,
                  make_conditioning=None, forge_reload=None, load_model_gpu=None):
-        """``make_conditioning(prompts, sizes)``: A1111/Forge ``prompt_parser.SdConditioning`` for SDXL size conds;
+        """``make_conditioning(prompts, size)``: ``prompt_parser.SdConditioning``, for a Forge SDXL model without
+        the ``embedder`` its size conditioning is made with (one size per call then);
         ``forge_reload``: Forge's ``sd_models.forge_model_reload`` (its model loads lazily);
         ``load_model_gpu``: Forge's ``memory_management.load_model_gpu``."""
         self.shared, self.queue_lock, self.devices = shared, queue_lock, devices
@@ -51,8 +62,7 @@ class WebUIHost:
 
         cmd_opts = getattr(self.shared, "cmd_opts", None)
         return A1111Backbone(sd_model, device=device, networks=self.networks, render=self.render,
-                             lowvram=bool(getattr(cmd_opts, "lowvram", False)),
-                             make_conditioning=self.make_conditioning)
+                             lowvram=bool(getattr(cmd_opts, "lowvram", False)))
 
     def lora_dir(self) -> Optional[Path]:
         return self._lora_dir

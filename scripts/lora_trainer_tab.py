@@ -72,12 +72,12 @@ def _model_info() -> str:
 
 
 def _host():
-    from modules import call_queue, devices
+    from modules import call_queue, devices, sd_models
 
-    from lora_trainer.webui_host import WebUIHost
+    from lora_trainer.webui_host import WebUIHost, forge_hooks
 
     return WebUIHost(shared, call_queue.queue_lock, _lora_dir(), devices=devices,
-                     networks=sys.modules.get("networks"))
+                     networks=sys.modules.get("networks"), **forge_hooks(sd_models))
 
 
 def _defaults() -> dict:

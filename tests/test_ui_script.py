@@ -69,6 +69,27 @@ def test_registers_settings_and_the_tab(webui, tmp_path):
     assert host.queue_lock is call_queue.queue_lock
     assert host.lora_dir() == tmp_path / "models" / "Lora" / "trained"
     assert script._model_info() == "v1-5.safetensors (loads when training starts)"
+    assert host.forge_reload is None and host.load_model_gpu is None  # A1111
+
+
+def test_on_forge_the_host_gets_forges_lazy_load_and_memory_manager(webui, monkeypatch):
+    """Forge's ``sd_models.forge_model_reload`` and ``backend.memory_management.load_model_gpu`` reach the host."""
+    import types
+
+    script, _, _ = webui
+    from modules import sd_models
+
+    reloads, placed = [], []
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: reloads.append(1), raising=False)
+    backend = types.ModuleType("backend")
+    backend.memory_management = types.ModuleType("backend.memory_management")
+    backend.memory_management.load_model_gpu = placed.append
+    monkeypatch.setitem(sys.modules, "backend", backend)
+    monkeypatch.setitem(sys.modules, "backend.memory_management", backend.memory_management)
+    host = script._host()
+    host.forge_reload()
+    host.load_model_gpu("unet patcher")
+    assert reloads == [1] and placed == ["unet patcher"]
 
 
 def test_api_routes_join_the_webui_app_behind_api_auth(webui, tmp_path):
