@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lora_trainer.backbones.base import TrainSize
 from lora_trainer.backbones.forge import ForgeBackbone
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
@@ -26,7 +27,7 @@ def forge_xl(tiny_sd1_files):
 
 
 def backbone_of(model):
-    return ForgeBackbone(model, make_conditioning=lambda prompts, size: SdConditioning(prompts, *size))
+    return ForgeBackbone(model)
 
 
 def values_of(module):
@@ -53,13 +54,20 @@ def test_forge_sdxl_names_and_size_conditioning(forge_xl):
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in te
     assert len(te) == 2 * 2 * 6  # two encoders, two layers each, q/k/v/out + fc1/fc2
 
+    # Each image's own size numbers, made with Forge's own embedder: for an uncropped image exactly what Forge's
+    # get_learned_conditioning gives for that size, for a cropped one SDXL's six numbers as the reference embeds them.
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    cropped = TrainSize((64, 64), original_size=(200, 100), crop_top_left=(12, 4))
     with torch.no_grad():
-        mixed = backbone.encode_prompts(["a", "b", "c"], [(64, 64), (128, 64), (64, 64)])
-        alone = backbone.encode_prompts(["b"], [(128, 64)])
-    assert forge_xl.sizes_seen == [(64, 64), (128, 64), (128, 64)]  # one call per size, not per prompt
-    assert torch.equal(mixed["vector"][1], alone["vector"][0])
-    assert not torch.equal(mixed["vector"][0], mixed["vector"][1])
-    assert not mixed["crossattn"].is_inference() and mixed["crossattn"].shape == (3, 77, 32 + 64)
+        mixed = backbone.encode_prompts(["a", "b", "a"], [(64, 64), (128, 64), cropped])
+    alone = forge_xl.get_learned_conditioning(SdConditioning(["b"], 128, 64))
+    assert torch.allclose(mixed["vector"][1], alone["vector"][0], atol=1e-6)
+    numbers = torch.tensor([100.0, 200.0, 12.0, 4.0, 64.0, 64.0])
+    assert torch.allclose(mixed["vector"][2, -48:], timestep_embedding(numbers, 8).reshape(-1), atol=1e-6)
+    assert torch.equal(mixed["vector"][0, :-48], mixed["vector"][2, :-48])  # the same pooled text part
+    assert not mixed["vector"].is_inference() and not mixed["crossattn"].is_inference()
+    assert mixed["crossattn"].shape == (3, 77, 32 + 64)
 
 
 def test_forge_sdxl_trains_unet_and_both_text_encoders_and_gives_everything_back(forge_xl, tmp_path):
@@ -80,9 +88,16 @@ def test_forge_sdxl_trains_unet_and_both_text_encoders_and_gives_everything_back
         "bucket_reso_steps": 32, "lora_rank": 4, "learning_rate": 2e-3, "text_encoder_lr": 1e-3, "batch_size": 2,
         "max_train_steps": 2, "sample_steps": 1, "seed": 11, "train_text_encoder": True})
     backbone = backbone_of(forge_xl)
+    encode, sizes_seen = backbone.encode_prompts, []
+
+    def spy(prompts, sizes=None):  # what the training loop asks the conditioning for
+        sizes_seen.extend(tuple(s) for s in sizes or ())
+        return encode(prompts, sizes)
+
+    backbone.encode_prompts = spy
     result = run_training(config, lambda c: backbone)
 
-    buckets = set(forge_xl.sizes_seen)
+    buckets = set(sizes_seen)
     assert (64, 64) in buckets and any(w > h for w, h in buckets), buckets  # the wide image's own bucket
     assert forge_xl.current_lora_hash == "[]"
     after_unet, after_te = values_of(unet), values_of(encoders)

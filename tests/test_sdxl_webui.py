@@ -1,5 +1,5 @@
 """SDXL inside A1111 (sgm), against the stand-in in tests/standins/sgm.py: kohya's SDXL names, the dict
-conditioning, and size conditioning that follows each image's bucket."""
+conditioning, and size conditioning that follows each image's original size, crop and bucket."""
 
 import json
 
@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from lora_trainer.backbones.a1111 import A1111Backbone
+from lora_trainer.backbones.base import TrainSize
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
 from lora_trainer.errors import ModelError
@@ -27,7 +28,7 @@ def test_sdxl_trains_with_original_names_and_bucket_sizes(tiny_sd1_files, tmp_pa
     Image.new("RGB", (128, 64), "red").save(dataset / "wide.png")
     with open(dataset / "metadata.csv", "a", encoding="utf-8") as fh:
         fh.write("wide.png,a wide red banner\n")
-    backbone = A1111Backbone(model, make_conditioning=lambda prompts, size: SdConditioning(prompts, *size))
+    backbone = A1111Backbone(model)
     assert backbone.family == "sdxl"
     targets = backbone.lora_targets()
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in targets
@@ -52,14 +53,23 @@ def test_sdxl_trains_with_original_names_and_bucket_sizes(tiny_sd1_files, tmp_pa
     assert json.loads((result.run_dir / "xl.json").read_text())["sd version"] == "SDXL"
 
 
-def test_sdxl_conditioning_keeps_prompt_order_across_sizes(tiny_sd1_files):
+def test_sdxl_size_conditioning_is_each_images_own(tiny_sd1_files):
+    """sgm's conditioner gets each image's original size, crop and bucket: SDXL's six numbers, embedded as the
+    reference does (ldm's timestep_embedding), and for an uncropped image exactly what A1111's own
+    get_learned_conditioning gives for that size."""
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
     model = build_sdxl_like(tiny_sd1_files)
-    backbone = A1111Backbone(model, make_conditioning=lambda prompts, size: SdConditioning(prompts, *size))
+    backbone = A1111Backbone(model)
+    cropped = TrainSize((64, 64), original_size=(200, 100), crop_top_left=(12, 4))
     with torch.no_grad():
-        mixed = backbone.encode_prompts(["a", "b", "c"], [(64, 64), (128, 64), (64, 64)])
-        alone = backbone.encode_prompts(["b"], [(128, 64)])
-    assert torch.equal(mixed["vector"][1], alone["vector"][0])
-    assert not torch.equal(mixed["vector"][0][-8:], mixed["vector"][1][-8:])
+        mixed = backbone.encode_prompts(["a", "b", "c"], [(64, 64), (128, 64), cropped])
+        alone = model.get_learned_conditioning(SdConditioning(["b"], 128, 64))
+        first = model.get_learned_conditioning(SdConditioning(["a"], 64, 64))
+    assert torch.equal(mixed["vector"][1], alone["vector"][0]) and torch.equal(mixed["vector"][0], first["vector"][0])
+    assert torch.equal(mixed["crossattn"][1], alone["crossattn"][0])
+    numbers = torch.tensor([100.0, 200.0, 12.0, 4.0, 64.0, 64.0])  # original h, w; crop top, left; target h, w
+    assert torch.allclose(mixed["vector"][2, -48:], timestep_embedding(numbers, 8).reshape(-1), atol=1e-6)
 
 
 def test_sdxl_text_encoder_lora_is_refused_clearly(tiny_sd1_files):

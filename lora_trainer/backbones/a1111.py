@@ -1,19 +1,20 @@
 """The model AUTOMATIC1111 has loaded (``shared.sd_model``), trained in place through its own methods.
 
 Nothing here imports the WebUI: the glue in ``scripts/`` hands over the model object and, where
-needed, the WebUI's ``networks`` module, a renderer and (SDXL) a conditioning factory. SD1/SD2 are
+needed, the WebUI's ``networks`` module and a renderer. SD1/SD2 are
 ldm ``LatentDiffusion`` objects (SD2 768-v with ``parameterization == "v"``), SDXL an sgm ``DiffusionEngine``
 (webui_internals.md §2.1). Text-encoder LoRA works on SD1's HF CLIP only: SD2's encoder and SDXL's second
 are open_clip, whose fused attention A1111 patches only with q, k, v and out all present (§3.2). The
 WebUI's own ``get_learned_conditioning``, ``encode_first_stage`` and ``apply_model`` do the work,
-so clip skip, emphasis and long prompts behave as in txt2img.
+so clip skip, emphasis and long prompts behave as in txt2img; SDXL calls sgm's conditioner itself, to give it
+each image's original size and crop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,19 +24,15 @@ from .base import FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off
 from .original_unet import (
     SamplingFallback,
-    encode_by_size,
     first_float_param,
     hf_clip_targets,
     refuse_low_bit,
+    sgm_size_batch,
     unet_blocks,
     unet_lora_targets,
 )
 
 logger = logging.getLogger("lora_trainer")
-
-# (prompts, (width, height)) -> what get_learned_conditioning takes: A1111's prompt_parser.SdConditioning
-ConditioningFactory = Callable[[Sequence[str], Size], object]
-
 
 def detect_family(sd_model) -> str:
     if getattr(sd_model, "is_sd3", False):
@@ -72,7 +69,7 @@ def unmerge_webui_loras(sd_model: nn.Module, networks) -> int:
 
 class A1111Backbone(SamplingFallback):
     def __init__(self, sd_model, device: Optional[torch.device] = None, networks=None, render=None,
-                 lowvram: bool = False, make_conditioning: Optional[ConditioningFactory] = None):
+                 lowvram: bool = False):
         if lowvram:
             raise ModelError("the WebUI runs with --lowvram, which moves every UNet block to the CPU between "
                              "layers; training needs --medvram or no flag. Restart the WebUI without --lowvram")
@@ -91,7 +88,7 @@ class A1111Backbone(SamplingFallback):
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.model_name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
         self.model_hash = getattr(sd_model, "sd_model_hash", None) or getattr(info, "shorthash", None)
-        self.networks, self.render, self.make_conditioning = networks, render, make_conditioning
+        self.networks, self.render = networks, render
 
     # -- the protocol ------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -106,11 +103,12 @@ class A1111Backbone(SamplingFallback):
             return self.sd_model.decode_first_stage(latents.to(self.device, self.vae_dtype))
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None):
-        if self.family != "sdxl" or self.make_conditioning is None:
+        conditioner = getattr(self.sd_model, "conditioner", None)
+        if self.family != "sdxl" or conditioner is None:
             return self.sd_model.get_learned_conditioning(list(prompts))
-        # SDXL's size conditioning is per call (SdConditioning.width/height): encode each size group apart.
-        return encode_by_size(prompts, sizes, lambda group, size: self.sd_model.get_learned_conditioning(
-            self.make_conditioning(group, size)))
+        # sgm's conditioner, called as A1111's get_learned_conditioning calls it, but with each image's own
+        # original size, crop and target size (A1111 passes one size per call and the crop from its settings).
+        return conditioner(sgm_size_batch(prompts, sizes, self.device))
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         return self.sd_model.apply_model(noisy_latents, timesteps.to(self.device), cond)

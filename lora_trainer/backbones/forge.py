@@ -29,7 +29,14 @@ from torch import nn
 from ..errors import ModelError
 from .base import FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off
-from .original_unet import SamplingFallback, encode_by_size, hf_clip_targets, unet_blocks, unet_lora_targets
+from .original_unet import (
+    SamplingFallback,
+    encode_by_size,
+    hf_clip_targets,
+    unet_blocks,
+    unet_lora_targets,
+    with_item_sizes,
+)
 
 logger = logging.getLogger("lora_trainer")
 
@@ -115,7 +122,12 @@ class ForgeBackbone(SamplingFallback):
         return self.sd_model.decode_first_stage(latents.to(self.device)).clone()
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None):
-        if self.family != "sdxl" or self.make_conditioning is None:
+        embed = getattr(self.sd_model, "embedder", None)  # Forge's StableDiffusionXL: Timestep(256)
+        if self.family != "sdxl":
+            return self._learned_conditioning(list(prompts))
+        if embed is not None:  # each image's own original size, crop and target size
+            return with_item_sizes(self._learned_conditioning(list(prompts)), sizes, len(prompts), embed)
+        if self.make_conditioning is None:
             return self._learned_conditioning(list(prompts))
         # one size per call, as Forge reads it from the prompt object
         return encode_by_size(prompts, sizes, lambda group, size: self._learned_conditioning(

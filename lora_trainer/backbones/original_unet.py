@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .base import Size
+from .base import Size, sdxl_time_ids
 from .compvis_names import compvis_to_diffusers
 
 logger = logging.getLogger("lora_trainer")
@@ -85,6 +85,31 @@ def hf_clip_targets(transformer: nn.Module, prefix: str) -> Dict[str, nn.Module]
     return {prefix + te_module_path(path).replace(".", "_"): layer
             for path, layer in transformer.named_modules()
             if is_linear_like(layer) and (".self_attn." in path or ".mlp." in path)}
+
+
+def sgm_size_batch(prompts: Sequence[str], sizes: Optional[Sequence[Size]], device) -> Dict[str, object]:
+    """The batch sgm's ``GeneralConditioner`` reads (what A1111's ``get_learned_conditioning`` builds, but with
+    each item's own original size, crop and target size instead of one size per call). Sizes are float32, as
+    SDXL's reference embeds them."""
+    rows = torch.tensor([sdxl_time_ids(s) for s in _sizes_for(prompts, sizes)], dtype=torch.float32, device=device)
+    return {"txt": list(prompts), "original_size_as_tuple": rows[:, 0:2], "crop_coords_top_left": rows[:, 2:4],
+            "target_size_as_tuple": rows[:, 4:6]}
+
+
+def with_item_sizes(cond: Dict[str, torch.Tensor], sizes: Optional[Sequence[Size]], count: int,
+                    embed: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Forge's SDXL conditioning with each item's six size numbers: its ``vector`` is [pooled | six embeddings of
+    original h, w, crop top, left, target h, w] (``embed``: the model's own ``Timestep``), so the six embeddings
+    made for one size per call are replaced by each item's own."""
+    rows = [[embed(torch.tensor([float(v)])).reshape(-1) for v in sdxl_time_ids(s)]
+            for s in _sizes_for(range(count), sizes)]
+    flat = torch.stack([torch.cat(row) for row in rows])
+    vector = cond["vector"]
+    return dict(cond, vector=torch.cat([vector[:, :-flat.shape[1]], flat.to(vector)], dim=1))
+
+
+def _sizes_for(items: Sequence, sizes: Optional[Sequence[Size]]) -> List[Size]:
+    return list(sizes) if sizes else [(1024, 1024)] * len(items)
 
 
 def encode_by_size(prompts: Sequence[str], sizes: Optional[Sequence[Size]],

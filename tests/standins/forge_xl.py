@@ -8,10 +8,11 @@ webui_internals.md §2.3 on top of the SD1 Forge stand-in (tests/standins/forge.
   an ``IntegratedCLIP``-like module holding an HF ``CLIPTextModel`` at ``.transformer`` (Forge's CLIP-G is HF too);
   ``clip_g`` also holds the ``text_projection`` for the pooled output. Their Linear layers are ForgeLinear as well
   (``using_forge_operations`` covers HF CLIP);
+- ``embedder``: Forge's ``Timestep`` module (ldm's real ``timestep_embedding``; 8 wide here, 256 in Forge);
 - ``get_learned_conditioning(prompt)`` is ``@torch.inference_mode()`` and, as Forge's, reads
   ``getattr(prompt, 'width', 1024)`` / ``height`` for the size conditioning and returns ``{"crossattn", "vector"}``
-  (penultimate hidden states of both encoders; pooled CLIP-G output + six 8-wide timestep embeddings of
-  height, width, crop top/left (0, 0), target height/width);
+  (penultimate hidden states of both encoders; pooled CLIP-G output + ``embedder`` of each of height, width,
+  crop top/left (0, 0), target height/width);
 - ``encode_first_stage`` returns the scaled latent under inference mode.
 Not reproduced: the text-processing engines (emphasis, long prompts, clip skip), the memory manager.
 """
@@ -31,6 +32,19 @@ __all__ = ["ForgeXLModel", "SdConditioning", "load_forge_xl_model"]
 TIME_EMBED = 8  # Forge: Timestep(256); the tiny UNet's label_emb takes pooled + 6 x 8
 
 
+class Timestep(nn.Module):
+    """Forge's ``backend/nn/unet.py:Timestep``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        from ldm.modules.diffusionmodules.util import timestep_embedding
+
+        return timestep_embedding(t, self.dim)
+
+
 class ForgeXLModel:
     """The attributes of Forge's ``StableDiffusionXL`` the trainer uses."""
 
@@ -44,11 +58,10 @@ class ForgeXLModel:
                                                         shorthash="beef")
         self.tokenizer, self.vae, self.scale_factor = tokenizer, vae, scale_factor
         self.sizes_seen = []
+        self.embedder = Timestep(TIME_EMBED)
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompt):
-        from ldm.modules.diffusionmodules.util import timestep_embedding
-
         encoders = self.forge_objects.clip.cond_stage_model
         ids = self.tokenizer(list(prompt), padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
@@ -59,7 +72,7 @@ class ForgeXLModel:
         height = getattr(prompt, "height", 1024) or 1024
         self.sizes_seen.append((width, height))
         numbers = [height, width, 0, 0, height, width]  # original, crop top/left, target (Forge: target = original)
-        flat = torch.cat([timestep_embedding(torch.tensor([float(n)]), TIME_EMBED) for n in numbers], dim=1)
+        flat = torch.cat([self.embedder(torch.Tensor([n])) for n in numbers], dim=1)
         return {"crossattn": torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=2),
                 "vector": torch.cat([pooled, flat.repeat(pooled.shape[0], 1).to(pooled)], dim=1)}
 
@@ -85,7 +98,7 @@ def load_forge_xl_model(tiny_files: dict, seed: int = 0) -> ForgeXLModel:
     """A tiny SDXL as Forge would hold it (the weights of sgm.build_sdxl_like(tiny_files, seed))."""
     sgm_model = build_sdxl_like(tiny_files, seed)
     unet = sgm_model.model.diffusion_model
-    first, second = (e.wrapped.transformer for e in sgm_model.conditioner.embedders)
+    first, second = (e.wrapped.transformer for e in sgm_model.conditioner.embedders[:2])
     torch.manual_seed(seed + 1)
     joint = nn.ModuleDict({"clip_l": _integrated_clip(first),
                            "clip_g": _integrated_clip(second, second.config.hidden_size)})

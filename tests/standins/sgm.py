@@ -4,9 +4,13 @@ sgm (Stability's generative-models) is not on PyPI, so this rebuilds the interfa
 - ``model.diffusion_model``: the original-layout UNet. We use ldm's real ``UNetModel`` (same block classes and
   names as sgm's) with sgm's ``label_emb`` (``Sequential(Sequential(Linear, SiLU, Linear))``) for the
   ``vector`` conditioning;
-- ``conditioner.embedders[0/1]``: two text encoders; ``get_learned_conditioning(batch)`` reads the
-  ``width``/``height`` of A1111's ``SdConditioning`` (a list of prompts) for the size conditioning and returns
-  ``{"crossattn": [B, 77, d0 + d1], "vector": [B, pooled + 6 * 8]}``, as ``sd_models_xl.get_learned_conditioning``;
+- ``conditioner``: sgm's ``GeneralConditioner`` interface: ``conditioner(batch)`` with a dict, each embedder reading
+  ``batch[embedder.input_key]``: two text encoders on ``"txt"``, then ``ConcatTimestepEmbedderND``-like size
+  embedders on ``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple`` (ldm's real
+  ``timestep_embedding``, 8 wide per number instead of 256); 3-D outputs concatenate into ``crossattn``, 2-D ones
+  into ``vector``: ``{"crossattn": [B, 77, d0 + d1], "vector": [B, pooled + 6 * 8]}``;
+- ``get_learned_conditioning(batch)`` builds that dict as A1111's ``sd_models_xl.get_learned_conditioning`` does:
+  one ``width``/``height`` per call from ``SdConditioning`` (default 1024), the crop from the settings (0, 0);
 - ``apply_model(x, t, cond)`` -> ``diffusion_model(x, timesteps=t, context=crossattn, y=vector)``;
 - ``encode_first_stage`` returns the already scaled latent and ``get_first_stage_encoding`` is the identity.
 Not reproduced: open_clip for the second encoder (an HF CLIP stands in), aesthetic/refiner conditioning.
@@ -14,7 +18,6 @@ Not reproduced: open_clip for the second encoder (an HF CLIP stands in), aesthet
 
 from __future__ import annotations
 
-import math
 import types
 
 import torch
@@ -29,41 +32,50 @@ class SdConditioning(list):
         self.width, self.height = width, height
 
 
-def fourier(values: torch.Tensor, dim: int = 8) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    args = values.float()[:, :, None] * freqs[None, None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).flatten(1)
-
-
 class Embedder(nn.Module):
+    input_key = "txt"
+
     def __init__(self, transformer, tokenizer):
         super().__init__()
         self.wrapped = nn.Module()
         self.wrapped.transformer = transformer
         self.tokenizer = tokenizer
+        self.pooled = False
 
     def forward(self, prompts):
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
         out = self.wrapped.transformer(ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.pooler_output
+        return (out.hidden_states[-2], out.pooler_output) if self.pooled else out.hidden_states[-2]
+
+
+class SizeEmbedder(nn.Module):
+    """sgm's ConcatTimestepEmbedderND: each of the numbers [B, 2] embedded, then concatenated [B, 2 * outdim]."""
+
+    def __init__(self, input_key: str, outdim: int = 8):
+        super().__init__()
+        self.input_key, self.outdim = input_key, outdim
+
+    def forward(self, values):
+        from ldm.modules.diffusionmodules.util import timestep_embedding
+
+        return timestep_embedding(values.reshape(-1), self.outdim).reshape(values.shape[0], -1)
 
 
 class Conditioner(nn.Module):
     def __init__(self, embedders):
         super().__init__()
         self.embedders = nn.ModuleList(embedders)
-        self.sizes_seen = []
+        self.sizes_seen = []  # (width, height) of each item's target size, per call
 
-    def forward(self, batch):
-        h0, _ = self.embedders[0](batch)
-        h1, pooled = self.embedders[1](batch)
-        self.sizes_seen.append((batch.width, batch.height))
-        n = len(batch)
-        size = torch.tensor([[batch.height, batch.width]] * n)
-        vector = torch.cat([pooled, fourier(size), fourier(torch.zeros(n, 2)), fourier(size)], dim=1)
-        return {"crossattn": torch.cat([h0, h1], dim=-1), "vector": vector}
+    def forward(self, batch, force_zero_embeddings=None):
+        out = {"crossattn": [], "vector": []}
+        for embedder in self.embedders:
+            outputs = embedder(batch[embedder.input_key])
+            for emb in outputs if isinstance(outputs, tuple) else (outputs,):
+                out["crossattn" if emb.dim() == 3 else "vector"].append(emb)
+        self.sizes_seen += [(int(w), int(h)) for h, w in batch["target_size_as_tuple"].tolist()]
+        return {key: torch.cat(parts, dim=-1) for key, parts in out.items()}
 
 
 class DiffusionEngine(nn.Module):
@@ -81,9 +93,10 @@ class DiffusionEngine(nn.Module):
         self.parameterization = "eps"
 
     def get_learned_conditioning(self, batch):
-        if not hasattr(batch, "width"):
-            batch = SdConditioning(batch)
-        return self.conditioner(batch)
+        width, height = getattr(batch, "width", 1024) or 1024, getattr(batch, "height", 1024) or 1024
+        size = torch.tensor([[height, width]], dtype=torch.float32).repeat(len(batch), 1)
+        return self.conditioner({"txt": batch, "original_size_as_tuple": size,
+                                 "crop_coords_top_left": torch.zeros(len(batch), 2), "target_size_as_tuple": size})
 
     def apply_model(self, x, t, cond):
         return self.model.diffusion_model(x, timesteps=t, context=cond["crossattn"], y=cond["vector"])
@@ -126,5 +139,7 @@ def build_sdxl_like(tiny_files: dict, seed: int = 0) -> DiffusionEngine:
                 param.normal_(0, 0.02)
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    model = DiffusionEngine(unet, Conditioner(encoders), vae, torch.cumprod(1 - betas, 0).float())
+    encoders[1].pooled = True  # sgm's FrozenOpenCLIPEmbedder2 (legacy=False): hidden states and the pooled output
+    sizes = [SizeEmbedder(key) for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")]
+    model = DiffusionEngine(unet, Conditioner(encoders + sizes), vae, torch.cumprod(1 - betas, 0).float())
     return model.eval()
