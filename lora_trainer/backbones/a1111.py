@@ -1,12 +1,11 @@
 """The model AUTOMATIC1111 has loaded (``shared.sd_model``), trained in place through its own methods.
 
-Nothing here imports the WebUI: the glue in ``scripts/`` hands over the model object and, where
-needed, the WebUI's ``networks`` module and a renderer. SD1/SD2 are
-ldm ``LatentDiffusion`` objects (SD2 768-v with ``parameterization == "v"``), SDXL an sgm ``DiffusionEngine``
-(webui_internals.md §2.1). Text-encoder LoRA works on SD1's HF CLIP only: SD2's encoder and SDXL's second
-are open_clip, whose fused attention A1111 patches only with q, k, v and out all present (§3.2). The
-WebUI's own ``get_learned_conditioning``, ``encode_first_stage`` and ``apply_model`` do the work,
-so clip skip, emphasis and long prompts behave as in txt2img; SDXL calls sgm's conditioner itself, to give it
+Nothing here imports the WebUI: the glue in ``scripts/`` hands over the model object and, where needed, the
+WebUI's ``networks`` module and a renderer. SD1/SD2 are ldm ``LatentDiffusion`` objects (SD2 768-v with
+``parameterization == "v"``), SDXL an sgm ``DiffusionEngine`` (webui_internals.md §2.1). Text-encoder LoRA works on
+SD1's HF CLIP and SD2's open_clip encoder, whose fused attention is split into q/k/v/out while training
+(open_clip_text.py). The WebUI's own ``get_learned_conditioning``, ``encode_first_stage`` and ``apply_model`` do the
+work, so clip skip, emphasis and long prompts behave as in txt2img; SDXL calls sgm's conditioner itself, to give it
 each image's original size and crop.
 """
 
@@ -22,6 +21,7 @@ from torch import nn
 from ..errors import ModelError
 from .base import FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off
+from .open_clip_text import OpenClipText
 from .original_unet import (
     SamplingFallback,
     first_float_param,
@@ -89,6 +89,8 @@ class A1111Backbone(SamplingFallback):
         self.model_name = getattr(info, "model_name", None) or getattr(info, "name", None) or "webui-model"
         self.model_hash = getattr(sd_model, "sd_model_hash", None) or getattr(info, "shorthash", None)
         self.networks, self.render = networks, render
+        self._open_clip: Dict[str, OpenClipText] = {}  # kohya prefix -> its open_clip encoder's LoRA layers
+        self._borrowed: Optional[contextlib.ExitStack] = None
 
     # -- the protocol ------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -123,18 +125,34 @@ class A1111Backbone(SamplingFallback):
     def borrow(self, gradient_checkpointing: bool = False) -> Iterator[None]:
         unmerge_webui_loras(self.sd_model, self.networks)
         blocks = unet_blocks(self.unet) if gradient_checkpointing else []
-        with FrozenModels(self.sd_model), native_checkpointing_off(self.sd_model), checkpointed(blocks):
-            yield
+        with FrozenModels(self.sd_model), native_checkpointing_off(self.sd_model), checkpointed(blocks), \
+                contextlib.ExitStack() as borrowed:
+            for text in self._open_clip.values():  # text-encoder LoRA layers made before the borrow
+                borrowed.enter_context(text.split_attention())
+            self._borrowed = borrowed
+            try:
+                yield
+            finally:
+                self._borrowed = None
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _open_clip_text(self, prefix: str, resblocks, layers: int) -> OpenClipText:
+        """One OpenClipText per encoder; its attention is split while borrowed (now, or when the borrow starts)."""
+        if prefix not in self._open_clip:
+            self._open_clip[prefix] = OpenClipText(resblocks, prefix, layers)
+            if self._borrowed is not None:
+                self._borrowed.enter_context(self._open_clip[prefix].split_attention())
+        return self._open_clip[prefix]
+
     def _text_encoder_targets(self) -> Dict[str, nn.Module]:
         if self.family == "sdxl":
             raise ModelError("text-encoder LoRA on the WebUI's SDXL model is not supported yet (its second "
                              "encoder is open_clip); set train_text_encoder: false or train standalone")
-        if self.family == "sd2":
-            raise ModelError("text-encoder LoRA on the WebUI's SD2 model is not supported yet (its encoder is "
-                             "open_clip, with fused attention); set train_text_encoder: false or train standalone")
         cond = self.sd_model.cond_stage_model
+        if self.family == "sd2":  # ldm's FrozenOpenCLIPEmbedder (A1111 wraps it: .wrapped); "penultimate" skips one
+            embedder = getattr(cond, "wrapped", cond)
+            resblocks = embedder.model.transformer.resblocks
+            return self._open_clip_text("lora_te_", resblocks, len(resblocks) - embedder.layer_idx).targets()
         transformer = getattr(getattr(cond, "wrapped", cond), "transformer", None)
         if transformer is None:
             raise ModelError("this text encoder layout is not supported for text-encoder LoRA yet")
