@@ -55,14 +55,18 @@ def weight_problems(tensors: Dict[str, torch.Tensor]) -> List[str]:
         if suffix in PRODUCT_FACTORS:
             ups.setdefault(name, []).append(value)
     zero = sorted(name for name, factors in ups.items() if any(not bool(f.any()) for f in factors))
+    # A text encoder's last layers stay at zero when the model reads an earlier layer's output (SDXL's CLIP-L
+    # penultimate, clip_skip): expected, so only UNet layers count for the "some layers are zero" warning.
+    some_zero = [name for name in zero if not name.startswith("lora_te")]
     out = []
     if bad:
         out.append(f"{len(bad)} of {len(ups)} LoRA layers hold NaN or infinite weights (first: {bad[0]}); the file is "
                    "unusable: lower learning_rate or use mixed_precision bf16/no and train again")
     if ups and len(zero) == len(ups):
         out.append("every LoRA weight is zero: the LoRA changes nothing (learning_rate 0, or no step was trained)")
-    elif zero:
-        out.append(f"{len(zero)} of {len(ups)} LoRA layers are all zero (first: {zero[0]}); they change nothing")
+    elif some_zero:
+        out.append(f"{len(some_zero)} of {len(ups)} LoRA layers are all zero (first: {some_zero[0]}); they change "
+                   "nothing")
     return out
 
 

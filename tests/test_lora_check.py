@@ -41,6 +41,9 @@ def test_weight_problems():
     loha = {f"c.{k}": torch.ones(2, 2) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
     lokr = {"d.lokr_w1": torch.ones(2, 2), "d.lokr_w2_a": torch.ones(2, 1), "d.lokr_w2_b": torch.zeros(1, 2)}
     assert weight_problems(dict(ok, **loha)) == []
+    unused = {"lora_te1_x_layers_11.lora_down.weight": torch.ones(2, 3), "lora_te1_x_layers_11.lora_up.weight":
+              torch.zeros(3, 2)}  # a text encoder's layer after the one the model reads: zero, and expected
+    assert weight_problems({**ok, **unused}) == []
     assert weight_problems({**ok, **loha, "c.hada_w2_a": torch.zeros(2, 2), **lokr}) == [
         "2 of 4 LoRA layers are all zero (first: c); they change nothing"]
 

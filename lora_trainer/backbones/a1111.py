@@ -3,17 +3,17 @@
 Nothing here imports the WebUI: the glue in ``scripts/`` hands over the model object and, where needed, the
 WebUI's ``networks`` module and a renderer. SD1/SD2 are ldm ``LatentDiffusion`` objects (SD2 768-v with
 ``parameterization == "v"``), SDXL an sgm ``DiffusionEngine`` (webui_internals.md §2.1). Text-encoder LoRA works on
-SD1's HF CLIP and SD2's open_clip encoder, whose fused attention is split into q/k/v/out while training
-(open_clip_text.py). The WebUI's own ``get_learned_conditioning``, ``encode_first_stage`` and ``apply_model`` do the
-work, so clip skip, emphasis and long prompts behave as in txt2img; SDXL calls sgm's conditioner itself, to give it
-each image's original size and crop.
+every family's encoders: HF CLIP as it is, open_clip (SD2's, SDXL's second) with its fused attention split into
+q/k/v/out while training (open_clip_text.py). The WebUI's own ``get_learned_conditioning``, ``encode_first_stage``
+and ``apply_model`` do the work, so clip skip, emphasis and long prompts behave as in txt2img; SDXL calls sgm's
+conditioner itself, to give it each image's original size and crop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Callable, ContextManager, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,25 @@ from .original_unet import (
 )
 
 logger = logging.getLogger("lora_trainer")
+
+@contextlib.contextmanager
+def _trainable(embedders) -> Iterator[None]:
+    """sgm's ``is_trainable`` set on ``embedders`` (so its conditioner lets gradients through), then put back."""
+    before = [getattr(e, "is_trainable", _UNSET) for e in embedders]  # sgm: a property; A1111's wrappers: a value
+    try:
+        for embedder in embedders:
+            embedder.is_trainable = True
+        yield
+    finally:
+        for embedder, value in zip(embedders, before):
+            if value is _UNSET:
+                embedder.__dict__.pop("is_trainable", None)
+            else:
+                embedder.is_trainable = value
+
+
+_UNSET = object()
+
 
 def detect_family(sd_model) -> str:
     if getattr(sd_model, "is_sd3", False):
@@ -90,6 +109,7 @@ class A1111Backbone(SamplingFallback):
         self.model_hash = getattr(sd_model, "sd_model_hash", None) or getattr(info, "shorthash", None)
         self.networks, self.render = networks, render
         self._open_clip: Dict[str, OpenClipText] = {}  # kohya prefix -> its open_clip encoder's LoRA layers
+        self._while_borrowed: Dict[str, Callable[[], ContextManager]] = {}
         self._borrowed: Optional[contextlib.ExitStack] = None
 
     # -- the protocol ------------------------------------------------------------------------------
@@ -127,8 +147,8 @@ class A1111Backbone(SamplingFallback):
         blocks = unet_blocks(self.unet) if gradient_checkpointing else []
         with FrozenModels(self.sd_model), native_checkpointing_off(self.sd_model), checkpointed(blocks), \
                 contextlib.ExitStack() as borrowed:
-            for text in self._open_clip.values():  # text-encoder LoRA layers made before the borrow
-                borrowed.enter_context(text.split_attention())
+            for part in self._while_borrowed.values():  # asked for by text-encoder LoRA layers made before
+                borrowed.enter_context(part())
             self._borrowed = borrowed
             try:
                 yield
@@ -137,17 +157,29 @@ class A1111Backbone(SamplingFallback):
 
     # -- helpers -----------------------------------------------------------------------------------
     def _open_clip_text(self, prefix: str, resblocks, layers: int) -> OpenClipText:
-        """One OpenClipText per encoder; its attention is split while borrowed (now, or when the borrow starts)."""
+        """One OpenClipText per encoder, its attention split while the model is borrowed."""
         if prefix not in self._open_clip:
             self._open_clip[prefix] = OpenClipText(resblocks, prefix, layers)
-            if self._borrowed is not None:
-                self._borrowed.enter_context(self._open_clip[prefix].split_attention())
+            self._while_borrowing(prefix, self._open_clip[prefix].split_attention)
         return self._open_clip[prefix]
 
+    def _while_borrowing(self, key: str, part: Callable[[], ContextManager]) -> None:
+        """Hold ``part()`` while the model is borrowed: from now if it is, else from the next borrow."""
+        if key not in self._while_borrowed:
+            self._while_borrowed[key] = part
+            if self._borrowed is not None:
+                self._borrowed.enter_context(part())
+
     def _text_encoder_targets(self) -> Dict[str, nn.Module]:
-        if self.family == "sdxl":
-            raise ModelError("text-encoder LoRA on the WebUI's SDXL model is not supported yet (its second "
-                             "encoder is open_clip); set train_text_encoder: false or train standalone")
+        if self.family == "sdxl":  # sgm's FrozenCLIPEmbedder (HF) and FrozenOpenCLIPEmbedder2 (open_clip)
+            embedders = list(self.sd_model.conditioner.embedders[:2])
+            first, second = (getattr(e, "wrapped", e) for e in embedders)  # A1111's prompt hijack wraps them
+            targets = hf_clip_targets(first.transformer, "lora_te1_")
+            resblocks = second.model.transformer.resblocks  # all layers: the last one makes the pooled output
+            targets.update(self._open_clip_text("lora_te2_", resblocks, len(resblocks)).targets())
+            # sgm's conditioner runs frozen embedders under no_grad; trainable ones with gradients
+            self._while_borrowing("trainable embedders", lambda: _trainable(embedders))
+            return targets
         cond = self.sd_model.cond_stage_model
         if self.family == "sd2":  # ldm's FrozenOpenCLIPEmbedder (A1111 wraps it: .wrapped); "penultimate" skips one
             embedder = getattr(cond, "wrapped", cond)

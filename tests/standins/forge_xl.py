@@ -95,11 +95,15 @@ def _integrated_clip(transformer: nn.Module, projection_dim: int = 0) -> nn.Modu
 
 
 def load_forge_xl_model(tiny_files: dict, seed: int = 0) -> ForgeXLModel:
-    """A tiny SDXL as Forge would hold it (the weights of sgm.build_sdxl_like(tiny_files, seed))."""
+    """A tiny SDXL as Forge would hold it (the UNet, VAE and CLIP-L of sgm.build_sdxl_like(tiny_files, seed))."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     sgm_model = build_sdxl_like(tiny_files, seed)
     unet = sgm_model.model.diffusion_model
-    first, second = (e.wrapped.transformer for e in sgm_model.conditioner.embedders[:2])
-    torch.manual_seed(seed + 1)
+    first = sgm_model.conditioner.embedders[0].wrapped.transformer
+    torch.manual_seed(seed + 1)  # Forge's CLIP-G is an HF CLIPTextModel (A1111's is open_clip)
+    second = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, vocab_size=49408, max_position_embeddings=77))
     joint = nn.ModuleDict({"clip_l": _integrated_clip(first),
                            "clip_g": _integrated_clip(second, second.config.hidden_size)})
     for module in (unet, joint):

@@ -5,7 +5,10 @@ sgm (Stability's generative-models) is not on PyPI, so this rebuilds the interfa
   names as sgm's) with sgm's ``label_emb`` (``Sequential(Sequential(Linear, SiLU, Linear))``) for the
   ``vector`` conditioning;
 - ``conditioner``: sgm's ``GeneralConditioner`` interface: ``conditioner(batch)`` with a dict, each embedder reading
-  ``batch[embedder.input_key]``: two text encoders on ``"txt"``, then ``ConcatTimestepEmbedderND``-like size
+  ``batch[embedder.input_key]`` (under ``torch.no_grad()`` unless ``embedder.is_trainable``): on ``"txt"`` an HF
+  CLIP (``FrozenCLIPEmbedder``, penultimate hidden states) and ``FrozenOpenCLIPEmbedder2`` on open_clip's real
+  ``TextTransformer`` (fused ``nn.MultiheadAttention``, sequence-first as with A1111's open_clip 2.20: penultimate
+  hidden states, and the last layer's pooled and projected output), then ``ConcatTimestepEmbedderND``-like size
   embedders on ``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple`` (ldm's real
   ``timestep_embedding``, 8 wide per number instead of 256); 3-D outputs concatenate into ``crossattn``, 2-D ones
   into ``vector``: ``{"crossattn": [B, 77, d0 + d1], "vector": [B, pooled + 6 * 8]}``;
@@ -13,11 +16,12 @@ sgm (Stability's generative-models) is not on PyPI, so this rebuilds the interfa
   one ``width``/``height`` per call from ``SdConditioning`` (default 1024), the crop from the settings (0, 0);
 - ``apply_model(x, t, cond)`` -> ``diffusion_model(x, timesteps=t, context=crossattn, y=vector)``;
 - ``encode_first_stage`` returns the already scaled latent and ``get_first_stage_encoding`` is the identity.
-Not reproduced: open_clip for the second encoder (an HF CLIP stands in), aesthetic/refiner conditioning.
+Not reproduced: aesthetic/refiner conditioning, A1111's prompt hijack (emphasis, long prompts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -40,13 +44,47 @@ class Embedder(nn.Module):
         self.wrapped = nn.Module()
         self.wrapped.transformer = transformer
         self.tokenizer = tokenizer
-        self.pooled = False
 
     def forward(self, prompts):
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
         out = self.wrapped.transformer(ids, output_hidden_states=True)
-        return (out.hidden_states[-2], out.pooler_output) if self.pooled else out.hidden_states[-2]
+        return out.hidden_states[-2]
+
+
+class OpenCLIPEmbedder2(nn.Module):
+    """sgm's FrozenOpenCLIPEmbedder2 (layer "penultimate", legacy=False, always_return_pooled=True)."""
+    input_key = "txt"
+
+    def __init__(self, text_model):
+        super().__init__()
+        self.model = text_model
+
+    def forward(self, prompts):
+        import open_clip
+
+        tokens = open_clip.tokenize(list(prompts))
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        blocks = self.model.transformer.resblocks
+        for i, block in enumerate(blocks):
+            if i == len(blocks) - 1:
+                penultimate = x.permute(1, 0, 2)
+            x = block(x, attn_mask=self.model.attn_mask)
+        last = self.model.ln_final(x.permute(1, 0, 2))
+        pooled = last[torch.arange(last.shape[0]), tokens.argmax(dim=-1)] @ self.model.text_projection
+        return penultimate, pooled
+
+
+def tiny_open_clip_text(width: int = 64, output_dim: int = 64) -> nn.Module:
+    """open_clip's own text tower, two layers, built sequence-first as open_clip 2.20 (A1111's pin) builds it."""
+    from open_clip.transformer import TextTransformer
+
+    model = TextTransformer(width=width, heads=4, layers=2, mlp_ratio=2.0, output_dim=output_dim)
+    model.transformer.batch_first = False
+    for block in model.transformer.resblocks:
+        block.attn.batch_first = False
+    return model
 
 
 class SizeEmbedder(nn.Module):
@@ -71,7 +109,8 @@ class Conditioner(nn.Module):
     def forward(self, batch, force_zero_embeddings=None):
         out = {"crossattn": [], "vector": []}
         for embedder in self.embedders:
-            outputs = embedder(batch[embedder.input_key])
+            with contextlib.nullcontext() if getattr(embedder, "is_trainable", False) else torch.no_grad():
+                outputs = embedder(batch[embedder.input_key])
             for emb in outputs if isinstance(outputs, tuple) else (outputs,):
                 out["crossattn" if emb.dim() == 3 else "vector"].append(emb)
         self.sizes_seen += [(int(w), int(h)) for h, w in batch["target_size_as_tuple"].tolist()]
@@ -121,11 +160,9 @@ def build_sdxl_like(tiny_files: dict, seed: int = 0) -> DiffusionEngine:
     folder = tiny_files["folder"]
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     torch.manual_seed(seed)
-    encoders = []
-    for hidden in (32, 64):
-        config = CLIPTextConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                                num_attention_heads=4, vocab_size=49408, max_position_embeddings=77)
-        encoders.append(Embedder(CLIPTextModel(config), tokenizer))
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=49408, max_position_embeddings=77)
+    encoders = [Embedder(CLIPTextModel(config), tokenizer), OpenCLIPEmbedder2(tiny_open_clip_text())]
     adm = 64 + 6 * 8
     unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2],
                      num_res_blocks=2, channel_mult=[1, 2], num_head_channels=8, use_spatial_transformer=True,
@@ -139,7 +176,6 @@ def build_sdxl_like(tiny_files: dict, seed: int = 0) -> DiffusionEngine:
                 param.normal_(0, 0.02)
     vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    encoders[1].pooled = True  # sgm's FrozenOpenCLIPEmbedder2 (legacy=False): hidden states and the pooled output
     sizes = [SizeEmbedder(key) for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")]
     model = DiffusionEngine(unet, Conditioner(encoders + sizes), vae, torch.cumprod(1 - betas, 0).float())
     return model.eval()
