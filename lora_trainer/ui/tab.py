@@ -17,10 +17,11 @@ from ..errors import UserError
 from . import compat
 from .compat import make, update
 from .context import TabContext
-from .controller import BULK_OPS, DatasetView, ResultView, TabController
+from .controller import BULK_OPS, DatasetView, TabController
 from .dataset_panel import DatasetPanel
 from .fields import ADVANCED_FIELDS, FORM_FIELDS, MAIN_FIELDS, field_specs, form_values
 from .presets import list_presets, load_preset
+from .result_panel import ResultPanel
 from .widgets import field_component, guarded, thumbnail
 
 
@@ -28,6 +29,7 @@ class TrainTab:
     def __init__(self, context: TabContext):
         self.context = context
         self.controller = TabController(context)
+        self.results = ResultPanel(context, self.controller)
 
     # -- layout ----------------------------------------------------------------------------------
     def render(self, css: str = "") -> gr.Blocks:
@@ -40,11 +42,11 @@ class TrainTab:
                 self._training_section()
                 self._run_section()
                 self._progress_section()
-                self._result_section()
+                self.results.render()
             self._wire_dataset()
             self._wire_training()
             self._wire_run()
-            self._wire_results()
+            self.results.wire(self.status)
         self.blocks = blocks
         return blocks
 
@@ -154,43 +156,6 @@ class TrainTab:
                             elem_classes=["lora_trainer_hidden"])
         self.seen = gr.State({})
 
-    def _result_section(self) -> None:
-        gr.Markdown("### Result", elem_id="lora_trainer_result_heading")
-        self.result = make(gr.Textbox, label="LoRA file", interactive=False, lines=2, elem_id="lora_trainer_result")
-        self.sweep = make(gr.Image, label="Strength sweep", interactive=False, visible=False,
-                          elem_id="lora_trainer_sweep")
-        self.result_name = make(gr.Textbox, label="LoRA name", elem_id="lora_trainer_result_name",
-                                elem_classes=["lora_trainer_hidden"])
-        self.result_trigger = make(gr.Textbox, label="Trigger", elem_id="lora_trainer_result_trigger",
-                                   elem_classes=["lora_trainer_hidden"])
-        self.result_dir = make(gr.Textbox, label="Run folder", elem_id="lora_trainer_result_dir",
-                               elem_classes=["lora_trainer_hidden"])
-        with gr.Row():
-            self.weight = make(gr.Slider, minimum=0.0, maximum=2.0, step=0.05, value=self.context.preferred_weight,
-                               label="Weight", elem_id="lora_trainer_weight")
-            if self.context.webui:
-                self.use = make(gr.Button, value="Use in txt2img", variant="primary",
-                                elem_id="lora_trainer_use_txt2img")
-            else:
-                self.try_prompt = make(gr.Textbox, label="Try prompt", elem_id="lora_trainer_try_prompt", scale=3)
-                self.try_run = make(gr.Button, value="Generate", elem_id="lora_trainer_try_run")
-        if not self.context.webui:
-            self.try_image = make(gr.Image, label="Try", interactive=False, elem_id="lora_trainer_try_image",
-                                  height=256)
-        with gr.Row():
-            self.runs = make(gr.Dropdown, label="Past runs", choices=self.controller.runs(), value=None,
-                             elem_id="lora_trainer_runs", scale=4)
-            self.runs_refresh = make(gr.Button, value="Refresh list", elem_id="lora_trainer_runs_refresh")
-        with gr.Row():
-            self.download_lora = make(gr.Button, value="Download the LoRA (.safetensors)",
-                                      elem_id="lora_trainer_download_lora")
-            self.download_zip = make(gr.Button, value="Download the run folder (.zip: samples, config, metrics)",
-                                     elem_id="lora_trainer_download_zip")
-            self.download = make(gr.File, label="Download", interactive=False, elem_id="lora_trainer_download_file",
-                                 scale=2)
-        self.run_config = make(gr.Code, label="Run config", language="yaml", interactive=False,
-                               elem_id="lora_trainer_run_config")
-
     # -- wiring ----------------------------------------------------------------------------------
     def _dataset_outputs(self, view: DatasetView, caption_name: str = "") -> tuple:
         gallery = [t for t in (thumbnail(p, c) for p, c in view.gallery) if t is not None]
@@ -269,6 +234,8 @@ class TrainTab:
     def _wire_training(self) -> None:
         c = self.controller
         fields = [self.fields[n] for n in FORM_FIELDS]
+        if self.context.webui:  # the loaded checkpoint's name and family, read again
+            self.model_refresh.click(lambda: self.context.base_model_label, None, [self.base_model])
 
         @guarded(1 + len(fields))
         def apply_preset(name):
@@ -329,8 +296,7 @@ class TrainTab:
         self.extend.click(guarded(1)(c.extend), [self.extend_steps], [self.status])
 
         outputs = [self.progress, self.chart, self.samples, self.log, self.seen]
-        result_outputs = [self.result, self.sweep, self.result_name, self.result_trigger, self.result_dir,
-                          self.weight]
+        result_outputs = self.results.components()
 
         def refresh(seen):
             view = c.progress()
@@ -345,7 +311,7 @@ class TrainTab:
             done = view.state in ("finished", "stopped") and view.run_dir
             if done and seen.get("result") != view.fingerprint[:2]:
                 try:
-                    result = self._result_outputs(c.result(view.run_dir))
+                    result = self.results.outputs(c.result(view.run_dir))
                     seen["result"] = view.fingerprint[:2]
                 except UserError as exc:
                     result = (str(exc),) + tuple(update() for _ in result_outputs[1:])
@@ -361,50 +327,6 @@ class TrainTab:
         defaults = {"base_model": "-", "train_data_dir": "-", "output_dir": str(self.context.output_dir),
                     **self.context.defaults}
         return TrainConfig.from_dict({**defaults, **values}, source="form")
-
-    def _result_outputs(self, view: ResultView) -> tuple:
-        sweep = update(value=str(view.sweep), visible=True) if view.sweep else update(value=None, visible=False)
-        return (view.text, sweep, view.name, view.trigger, view.run_dir, view.weight)
-
-    def _wire_results(self) -> None:
-        c = self.controller
-        result_outputs = [self.result, self.sweep, self.result_name, self.result_trigger, self.result_dir,
-                          self.weight]
-
-        @guarded(2 + len(result_outputs))
-        def show_run(name):
-            if not name:
-                return ("", "") + tuple(update() for _ in result_outputs)
-            return ("", c.run_config_text(name)) + self._result_outputs(c.result(str(c.run_path(name))))
-
-        self.runs.change(show_run, [self.runs], [self.status, self.run_config] + result_outputs)
-        self.runs_refresh.click(lambda: update(choices=c.runs()), None, [self.runs])
-
-        @guarded(2)
-        def download(what, run_dir):
-            path = c.downloads.lora_file(run_dir) if what == "lora" else c.downloads.run_zip(run_dir)
-            return f"{path.name} is ready: click the ⇣ link under Download to save it", str(path)
-
-        self.download_lora.click(lambda run_dir: download("lora", run_dir), [self.result_dir],
-                                 [self.status, self.download])
-        self.download_zip.click(lambda run_dir: download("zip", run_dir), [self.result_dir],
-                                [self.status, self.download])
-        if self.context.webui:
-            self.model_refresh.click(lambda: self.context.base_model_label, None, [self.base_model])
-            self.use.click(None, [self.result_name, self.weight, self.result_trigger], None,
-                           **compat.js("(name, weight, trigger) => { loraTrainerUseInTxt2img(name, weight, trigger);"
-                                       " return [name, weight, trigger]; }"))
-        else:
-            @guarded(2)
-            def try_lora(run_dir, prompt, weight):
-                if not run_dir:
-                    raise UserError("no LoRA yet: train one, or choose a past run")
-                image, message = c.try_lora(run_dir, prompt, weight)
-                return message, image
-
-            self.try_run.click(try_lora, [self.result_dir, self.try_prompt, self.weight],
-                               [self.status, self.try_image])
-
 
 def _loss_frame(losses):
     import pandas as pd
