@@ -62,8 +62,9 @@ def split_forward(attention: nn.MultiheadAttention, views: List[ProjectionView])
             raise ModelError("text-encoder LoRA on this open_clip model: its attention uses a key-padding mask, "
                              "which is not supported; set train_text_encoder: false")
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        batch_dim = 0 if attention.batch_first else 1
+        if not batched:  # [L, D] whatever batch_first says
+            query, key, value = (t.unsqueeze(batch_dim) for t in (query, key, value))
         if not attention.batch_first:  # [L, N, D] -> [N, L, D]
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         q, k, v = (view(x) for view, x in zip(views, (query, key, value)))
@@ -73,6 +74,8 @@ def split_forward(attention: nn.MultiheadAttention, views: List[ProjectionView])
         if mask is not None:
             if mask.dtype == torch.bool:
                 mask = ~mask  # MultiheadAttention: True = may not attend; scaled_dot_product_attention: True = may
+            else:
+                mask = mask.to(q.dtype)  # an additive mask in the dtype the projections came out in
             if mask.dim() == 3:  # [N * heads, L, S]
                 mask = mask.reshape(n, heads, *mask.shape[1:])
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(is_causal and mask is None),
@@ -80,7 +83,7 @@ def split_forward(attention: nn.MultiheadAttention, views: List[ProjectionView])
         out = attention.out_proj(out.transpose(1, 2).reshape(n, length, width))
         if not attention.batch_first:
             out = out.transpose(0, 1)
-        return (out if batched else out.squeeze(1)), None
+        return (out if batched else out.squeeze(batch_dim)), None
 
     return forward
 
