@@ -216,18 +216,23 @@ class DiffusersSDBackbone:
                     log.warning("the model's placement changed while borrowed: %s", "; ".join(moved[:5]))
 
     # ---- sampling --------------------------------------------------------------------------------------------
+    def ddim_scheduler(self):
+        """DDIM with the model's schedule and prediction type. clip_sample is not a key of every scheduler's config
+        and DDIM defaults it to True: SD latents must not clip."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.noise_scheduler_config, prediction_type=self.prediction_type,
+                                         clip_sample=False)
+
     def generate(self, prompts: Sequence[str], negative_prompt: str, seed: int, steps: int,
                  guidance_scale: float, size: Size) -> List[PIL.Image.Image]:  # noqa: F821
         """DDIM (eta 0, SD's original sampler) on prompts encoded exactly as in training (same clip skip)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
 
         width, height = self.check_sample_size(size)
         prompts = list(prompts)
-        # clip_sample is not a key of every scheduler's config and DDIM defaults it to True: SD latents must not clip.
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler_config, prediction_type=self.prediction_type,
-                                              clip_sample=False)
         pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=self.unet, scheduler=scheduler, safety_checker=None,
+                                       unet=self.unet, scheduler=self.ddim_scheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         with self.eval_mode(), torch.no_grad():

@@ -101,16 +101,14 @@ class DiffusersSDXLBackbone(DiffusersSDBackbone):
     def generate(self, prompts: Sequence[str], negative_prompt: str, seed: int, steps: int,
                  guidance_scale: float, size: Size) -> List[PIL.Image.Image]:  # noqa: F821
         """DDIM (eta 0) through diffusers' SDXL pipeline on our own conditioning; the VAE decodes in its dtype."""
-        from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLPipeline
         from PIL import Image
 
         width, height = self.check_sample_size(size)
         prompts = list(prompts)
-        scheduler = DDIMScheduler.from_config(self.noise_scheduler_config, prediction_type=self.prediction_type,
-                                              clip_sample=False)
         pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoder,
                                          text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
-                                         tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler,
+                                         tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=self.ddim_scheduler(),
                                          add_watermarker=False)
         pipe.set_progress_bar_config(disable=True)
         sizes = [(width, height)] * len(prompts)
