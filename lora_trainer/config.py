@@ -146,6 +146,12 @@ class TrainConfig:
                                  min=0.0, max=1.0)
     min_snr_gamma: float = option(0.0, "optim", "Min-SNR loss weighting gamma (5 is usual; 0 = off).",
                                   min=0.0, max=100.0)
+    ip_noise_gamma: float = option(0.0, "optim", "Input perturbation: extra noise in the model's input that the "
+                                   "target does not contain (0.1 is usual; 0 = off).", min=0.0, max=1.0)
+    multires_noise_iterations: int = option(0, "optim", "Pyramid (multi-resolution) noise levels added to the "
+                                            "noise (6-10 is usual; 0 = off).", min=0, max=20)
+    multires_noise_discount: float = option(0.3, "optim", "Weight of each further pyramid noise level.",
+                                            min=0.0, max=1.0)
     # -- schedule ------------------------------------------------------------------------------
     batch_size: int = option(1, "schedule", "Images per batch.", min=1, max=1024)
     epochs: int = option(10, "schedule", "Passes over the dataset (ignored when max_train_steps is set).",

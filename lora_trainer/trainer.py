@@ -23,6 +23,7 @@ from .diffusion import (
     diffusion_loss,
     min_snr_weights,
     noise_generator,
+    perturbed,
     sample_noise,
     sample_timesteps,
     training_target,
@@ -216,20 +217,23 @@ class _Loop(LoopBase):
                 pixels = load_pixels(self.data, indices, flips).to(backbone.device, backbone.dtype)
                 latents = backbone.encode_images(pixels).float()
         generator = noise_generator(config.seed, micro_step)
-        noise = sample_noise(latents, generator, config.noise_offset)
+        noise = sample_noise(latents, generator, config.noise_offset, config.multires_noise_iterations,
+                             config.multires_noise_discount)
         timesteps = sample_timesteps(len(indices), generator)
+        input_noise = perturbed(noise, generator, config.ip_noise_gamma)
         # A training text-encoder LoRA runs in the same mixed precision as the UNet; frozen encodings do not change.
         with self._autocast(enabled=config.train_text_encoder):
             cond = self.text.batch(captions, sizes)
-        loss = self._loss(latents, noise, timesteps, cond)
+        loss = self._loss(latents, noise, timesteps, cond, input_noise=input_noise)
         self._check_finite(loss, micro_step)
         (loss / self.plan.accumulation).backward()
         return float(loss.detach())
 
-    def _loss(self, latents, noise, timesteps, cond, weights_enabled: bool = True) -> torch.Tensor:
+    def _loss(self, latents, noise, timesteps, cond, weights_enabled: bool = True,
+              input_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         backbone, config = self.backbone, self.config
         ac = backbone.alphas_cumprod
-        noisy = add_noise(latents, noise, timesteps, ac)
+        noisy = add_noise(latents, noise if input_noise is None else input_noise, timesteps, ac)
         target = training_target(latents, noise, timesteps, ac, backbone.prediction_type)
         with self._autocast():
             prediction = backbone.predict(noisy.to(backbone.dtype), timesteps.to(backbone.device),

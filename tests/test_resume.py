@@ -28,7 +28,8 @@ def write_config(tmp_path, model_dir, dataset, out):
         "lora_rank": 4, "learning_rate": 1e-3, "batch_size": 2, "gradient_accumulation_steps": 2,
         "max_train_steps": STEPS, "save_steps": 4, "keep_checkpoints": 2, "lr_scheduler": "cosine",
         "lr_warmup_steps": 3, "shuffle_caption": True, "caption_dropout_rate": 0.2, "flip_aug": True,
-        "noise_offset": 0.05, "min_snr_gamma": 5, "trigger_word": "ltdemo", "sample_steps": 2, "seed": 11,
+        "noise_offset": 0.05, "min_snr_gamma": 5, "ip_noise_gamma": 0.1, "multires_noise_iterations": 3,
+        "trigger_word": "ltdemo", "sample_steps": 2, "seed": 11,
         "device": "cpu",
     }))
     return path
