@@ -117,6 +117,12 @@ class TrainConfig:
         -1, "network", "lokr: split each side of a weight into two factors, the smaller at most this (LyCORIS "
         "'factor'); -1: as balanced as possible. A rank at or above half the larger factor stores that factor as a "
         "full matrix (then alpha is ignored, as in LyCORIS).", min=-1, max=4096)
+    network_dropout: float = option(0.0, "network", "lora/locon: dropout on each layer's LoRA output while "
+                                    "training (0.1 is usual; 0 = off).", min=0.0, max=0.9)
+    rank_dropout: float = option(0.0, "network", "lora/locon: drop this share of the rank channels per step.",
+                                 min=0.0, max=0.9)
+    module_dropout: float = option(0.0, "network", "lora/locon: skip a whole LoRA layer with this probability per "
+                                   "step.", min=0.0, max=0.9)
     train_text_encoder: bool = option(
         False, "network", "Also train LoRA on the text encoder(s) (SDXL: both). Text embeddings are then computed "
         "every step instead of once; costs memory and time.")
@@ -228,6 +234,10 @@ class TrainConfig:
             raise ConfigError(f"{source}: 'resolution' must be a multiple of 8, got {self.resolution}")
         if self.bucket_reso_steps % 8:
             raise ConfigError(f"{source}: 'bucket_reso_steps' must be a multiple of 8, got {self.bucket_reso_steps}")
+        dropouts = [k for k in ("network_dropout", "rank_dropout", "module_dropout") if getattr(self, k)]
+        if dropouts and self.network not in ("lora", "locon"):
+            raise ConfigError(f"{source}: '{dropouts[0]}' works with network lora or locon, not {self.network}; "
+                              "set it to 0 or change the network")
         if self.lokr_factor == 0:
             raise ConfigError(f"{source}: 'lokr_factor' must be -1 (balanced) or a factor of at least 1, got 0")
         if self.text_encoder_lr is not None and not self.train_text_encoder:

@@ -102,6 +102,7 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, r
         "ss_noise_offset": _num(config.noise_offset),
         "ss_min_snr_gamma": _num(config.min_snr_gamma),
         "ss_ip_noise_gamma": _num(config.ip_noise_gamma),
+        "ss_network_dropout": _num(config.network_dropout),
         "ss_multires_noise_iterations": str(config.multires_noise_iterations),
         "ss_multires_noise_discount": _num(config.multires_noise_discount),
         "ss_cache_latents": str(config.cache_latents),
@@ -139,8 +140,9 @@ def network_description(config: TrainConfig, rank: int, conv_rank: Optional[int]
                         conv_alpha: Optional[float] = None) -> Tuple[str, Dict[str, str]]:
     """``ss_network_module`` and ``ss_network_args`` as kohya / LyCORIS write them for ``config.network``."""
     conv = {"conv_dim": str(conv_rank or rank), "conv_alpha": str(conv_alpha or conv_rank or rank)}
+    dropouts = {k: _num(getattr(config, k)) for k in ("rank_dropout", "module_dropout") if getattr(config, k)}
     if config.network == "locon":
-        return "networks.lora", {"algo": "locon", **conv}
+        return "networks.lora", {"algo": "locon", **conv, **dropouts}
     if config.network in ("loha", "lokr"):
         args = {"algo": config.network, **conv}
         if config.network == "lokr":
@@ -148,7 +150,7 @@ def network_description(config: TrainConfig, rank: int, conv_rank: Optional[int]
         return "lycoris.kohya", args
     if config.network == "dora":
         return "lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "False"}
-    return "networks.lora", {}
+    return "networks.lora", dropouts
 
 
 def sidecar_json(config: TrainConfig, facts: RunFacts) -> Dict[str, object]:

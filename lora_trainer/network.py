@@ -53,12 +53,12 @@ class LoraNetwork(nn.Module):
 
     ``algorithm``: lora and locon (the same module; which layers they get is the caller's choice), loha, lokr,
     dora. ``lokr_factor``: LoKr splits each side of a weight into two factors, the smaller at most this (-1: as
-    balanced as possible).
+    balanced as possible). ``dropouts``: (output, rank, module) dropout while in training mode, lora only.
     """
 
     def __init__(self, targets: Dict[str, nn.Module], rank: int, alpha: Optional[float] = None,
                  conv_rank: Optional[int] = None, conv_alpha: Optional[float] = None, seed: int = 0,
-                 algorithm: str = "lora", lokr_factor: int = -1):
+                 algorithm: str = "lora", lokr_factor: int = -1, dropouts: Tuple[float, float, float] = (0, 0, 0)):
         super().__init__()
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown network algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
@@ -75,7 +75,7 @@ class LoraNetwork(nn.Module):
                 dim = conv_rank if conv else rank
                 a = (conv_alpha if conv else alpha)
                 a = float(dim if a is None else a)
-                module = make_module(algorithm, name, layer, dim, a, lokr_factor)
+                module = make_module(algorithm, name, layer, dim, a, lokr_factor, dropouts)
                 point_at(module, layer)
                 self.modules_by_name[name] = module
         self.attached = False
@@ -174,7 +174,8 @@ class LoraNetwork(nn.Module):
         return first.lora_dim, float(first.alpha)
 
 
-def make_module(algorithm: str, name: str, layer: nn.Module, dim: int, alpha: float, lokr_factor: int) -> nn.Module:
+def make_module(algorithm: str, name: str, layer: nn.Module, dim: int, alpha: float, lokr_factor: int,
+                dropouts: Tuple[float, float, float] = (0, 0, 0)) -> nn.Module:
     view = lycoris_view(layer, with_weight=algorithm == "dora")
     if algorithm == "loha":
         from lycoris.modules.loha import LohaModule
@@ -189,7 +190,9 @@ def make_module(algorithm: str, name: str, layer: nn.Module, dim: int, alpha: fl
     from lycoris.modules.locon import LoConModule
 
     # bypass_mode: y = W x + up(down(x)) * scale, never materialising W + dW.
-    return LoConModule(name, view, 1.0, dim, alpha, bypass_mode=True)
+    dropout, rank_dropout, module_dropout = dropouts
+    return LoConModule(name, view, 1.0, dim, alpha, dropout=dropout, rank_dropout=rank_dropout,
+                       module_dropout=module_dropout, bypass_mode=True)
 
 
 @functools.cache

@@ -6,13 +6,14 @@ loaded from disk, a tiny test model or the WebUI's live model.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,12 +61,14 @@ CONV_NETWORKS = ("locon", "loha", "lokr")  # the network types that also adapt t
 def build_network(config: TrainConfig, backbone: Backbone) -> LoraNetwork:
     targets = backbone.lora_targets(conv=config.network in CONV_NETWORKS, text_encoder=config.train_text_encoder)
     network = LoraNetwork(targets, config.lora_rank, config.lora_alpha, config.conv_rank, config.conv_alpha,
-                          seed=config.seed, algorithm=config.network, lokr_factor=config.lokr_factor)
+                          seed=config.seed, algorithm=config.network, lokr_factor=config.lokr_factor,
+                          dropouts=(config.network_dropout, config.rank_dropout, config.module_dropout))
     if config.init_lora:
         tensors, _ = read_lora_file(Path(config.init_lora))
         network.load_kohya_state_dict(tensors, source=config.init_lora)
         logger.info("starting from the weights of %s", config.init_lora)
-    return network.to(backbone.device, torch.float32)
+    # Dropout only inside a training micro-step (``_Loop.dropout_active``); samples and checks see every layer.
+    return network.to(backbone.device, torch.float32).eval()
 
 
 def train(config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunFolder,
@@ -221,13 +224,32 @@ class _Loop(LoopBase):
                              config.multires_noise_discount)
         timesteps = sample_timesteps(len(indices), generator)
         input_noise = perturbed(noise, generator, config.ip_noise_gamma)
-        # A training text-encoder LoRA runs in the same mixed precision as the UNet; frozen encodings do not change.
-        with self._autocast(enabled=config.train_text_encoder):
-            cond = self.text.batch(captions, sizes)
-        loss = self._loss(latents, noise, timesteps, cond, input_noise=input_noise)
-        self._check_finite(loss, micro_step)
-        (loss / self.plan.accumulation).backward()
+        with self.dropout_active(micro_step):
+            # A training text-encoder LoRA runs in the same mixed precision as the UNet; frozen encodings do not
+            # change.
+            with self._autocast(enabled=config.train_text_encoder):
+                cond = self.text.batch(captions, sizes)
+            loss = self._loss(latents, noise, timesteps, cond, input_noise=input_noise)
+            self._check_finite(loss, micro_step)
+            (loss / self.plan.accumulation).backward()
         return float(loss.detach())
+
+    @contextlib.contextmanager
+    def dropout_active(self, micro_step: int) -> Iterator[None]:
+        """The LoRA layers in training mode, so their dropout acts, drawing from a random stream that depends only
+        on (seed, micro_step), so a resumed run drops the same units; back to eval mode afterwards."""
+        config = self.config
+        if not (config.network_dropout or config.rank_dropout or config.module_dropout):
+            yield
+            return
+        device = self.backbone.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(noise_generator(config.seed, micro_step).initial_seed() ^ 0x5EED)
+            self.network.train()
+            try:
+                yield
+            finally:
+                self.network.eval()
 
     def _loss(self, latents, noise, timesteps, cond, weights_enabled: bool = True,
               input_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
