@@ -152,6 +152,9 @@ class TrainConfig:
                                  min=0.0, max=1.0)
     min_snr_gamma: float = option(0.0, "optim", "Min-SNR loss weighting gamma (5 is usual; 0 = off).",
                                   min=0.0, max=100.0)
+    scale_weight_norms: float = option(0.0, "optim", "lora/locon: after each step, scale down every layer whose "
+                                       "change (up @ down * alpha/rank) has a norm above this (1 is usual; 0 = off).",
+                                       min=0.0, max=100.0)
     ip_noise_gamma: float = option(0.0, "optim", "Input perturbation: extra noise in the model's input that the "
                                    "target does not contain (0.1 is usual; 0 = off).", min=0.0, max=1.0)
     multires_noise_iterations: int = option(0, "optim", "Pyramid (multi-resolution) noise levels added to the "
@@ -234,9 +237,10 @@ class TrainConfig:
             raise ConfigError(f"{source}: 'resolution' must be a multiple of 8, got {self.resolution}")
         if self.bucket_reso_steps % 8:
             raise ConfigError(f"{source}: 'bucket_reso_steps' must be a multiple of 8, got {self.bucket_reso_steps}")
-        dropouts = [k for k in ("network_dropout", "rank_dropout", "module_dropout") if getattr(self, k)]
-        if dropouts and self.network not in ("lora", "locon"):
-            raise ConfigError(f"{source}: '{dropouts[0]}' works with network lora or locon, not {self.network}; "
+        lora_only = [k for k in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms")
+                     if getattr(self, k)]
+        if lora_only and self.network not in ("lora", "locon"):
+            raise ConfigError(f"{source}: '{lora_only[0]}' works with network lora or locon, not {self.network}; "
                               "set it to 0 or change the network")
         if self.lokr_factor == 0:
             raise ConfigError(f"{source}: 'lokr_factor' must be -1 (balanced) or a factor of at least 1, got 0")

@@ -103,6 +103,7 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, r
         "ss_min_snr_gamma": _num(config.min_snr_gamma),
         "ss_ip_noise_gamma": _num(config.ip_noise_gamma),
         "ss_network_dropout": _num(config.network_dropout),
+        "ss_scale_weight_norms": _num(config.scale_weight_norms),
         "ss_multires_noise_iterations": str(config.multires_noise_iterations),
         "ss_multires_noise_discount": _num(config.multires_noise_discount),
         "ss_cache_latents": str(config.cache_latents),

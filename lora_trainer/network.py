@@ -169,6 +169,24 @@ class LoraNetwork(nn.Module):
                     full_lokr = getattr(module, "use_w1", False) and getattr(module, "use_w2", False)
                     module.scale = 1.0 if full_lokr else float(alpha) / module.lora_dim
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> Tuple[int, float]:
+        """Max-norm regularisation (kohya's ``scale_weight_norms``), lora/locon layers: where the change
+        ``up @ down * alpha/rank`` has a Frobenius norm above ``max_norm``, scale up and down by the square root of
+        ``max_norm / norm``. In the parameters themselves (not lycoris' ``scalar`` buffer), so a checkpoint and a
+        resumed run hold exactly what was trained. Returns (layers scaled, mean norm after)."""
+        scaled, norms = 0, []
+        for module in self.modules_by_name.values():
+            up, down = module.lora_up.weight, module.lora_down.weight
+            norm = float((up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).norm() * module.scale)
+            if norm > max_norm:
+                factor = (max_norm / norm) ** 0.5
+                up.mul_(factor)
+                down.mul_(factor)
+                scaled, norm = scaled + 1, max_norm
+            norms.append(norm)
+        return scaled, sum(norms) / max(len(norms), 1)
+
     def rank_summary(self) -> Tuple[int, float]:
         first = next(iter(self.modules_by_name.values()))
         return first.lora_dim, float(first.alpha)

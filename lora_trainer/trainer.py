@@ -234,6 +234,14 @@ class _Loop(LoopBase):
             (loss / self.plan.accumulation).backward()
         return float(loss.detach())
 
+    def _optimizer_step(self, step: int) -> None:
+        super()._optimizer_step(step)
+        if self.config.scale_weight_norms:
+            scaled, mean = self.network.apply_max_norm(self.config.scale_weight_norms)
+            if scaled:
+                logger.debug("step %d: %d layers scaled to norm %g (mean norm %.4f)", step + 1, scaled,
+                             self.config.scale_weight_norms, mean)
+
     @contextlib.contextmanager
     def dropout_active(self, micro_step: int) -> Iterator[None]:
         """The LoRA layers in training mode, so their dropout acts, drawing from a random stream that depends only

@@ -29,7 +29,7 @@ def write_config(tmp_path, model_dir, dataset, out):
         "max_train_steps": STEPS, "save_steps": 4, "keep_checkpoints": 2, "lr_scheduler": "cosine",
         "lr_warmup_steps": 3, "shuffle_caption": True, "caption_dropout_rate": 0.2, "flip_aug": True,
         "noise_offset": 0.05, "min_snr_gamma": 5, "ip_noise_gamma": 0.1, "multires_noise_iterations": 3,
-        "network_dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.1,
+        "network_dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.1, "scale_weight_norms": 0.02,
         "trigger_word": "ltdemo", "sample_steps": 2, "seed": 11,
         "device": "cpu",
     }))

@@ -1,5 +1,6 @@
 """network_dropout, rank_dropout and module_dropout (kohya's names): active only inside a training step, the same
-units dropped for the same (seed, step), never in samples or the saved file."""
+units dropped for the same (seed, step), never in samples or the saved file. scale_weight_norms: max-norm
+regularisation of each layer's change. (Resume stays bit-identical with all of them on: test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -45,5 +46,29 @@ def test_dropout_is_for_lora_and_locon_and_goes_into_the_metadata():
     base = {"base_model": "m", "train_data_dir": "d"}
     with pytest.raises(ConfigError, match="'network_dropout' works with network lora or locon, not loha"):
         TrainConfig.from_dict({**base, "network": "loha", "network_dropout": 0.1})
+    with pytest.raises(ConfigError, match="'scale_weight_norms' works with network lora or locon, not dora"):
+        TrainConfig.from_dict({**base, "network": "dora", "scale_weight_norms": 1.0})
     config = TrainConfig.from_dict({**base, "network_dropout": 0.1, "rank_dropout": 0.2, "module_dropout": 0.05})
     assert network_description(config, 16) == ("networks.lora", {"rank_dropout": "0.2", "module_dropout": "0.05"})
+
+
+def test_max_norm_scales_only_the_layers_above_it(tiny_sd1):
+    network = randomised(LoraNetwork(tiny_sd1.lora_targets(conv=True), 4, seed=1, conv_rank=2))
+
+    def norms():
+        return {name: float((m.lora_up.weight.reshape(m.lora_up.weight.shape[0], -1)
+                             @ m.lora_down.weight.reshape(m.lora_down.weight.shape[0], -1)).norm() * m.scale)
+                for name, m in network.modules_by_name.items()}
+
+    before, state = norms(), {k: v.clone() for k, v in network.state_dict().items()}
+    limit = sorted(before.values())[len(before) // 2]  # half the layers are above it
+    scaled, mean = network.apply_max_norm(limit)
+    after = norms()
+    above = {name for name, norm in before.items() if norm > limit}
+    assert scaled == len(above) > 0
+    assert all(abs(after[name] - limit) < 1e-5 * limit for name in above)
+    for name in set(before) - above:  # untouched, bit for bit
+        for key in ("lora_up.weight", "lora_down.weight"):
+            assert torch.equal(network.state_dict()[f"modules_by_name.{name}.{key}"],
+                               state[f"modules_by_name.{name}.{key}"])
+    assert abs(mean - sum(after.values()) / len(after)) < 1e-6
