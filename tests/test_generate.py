@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from a1111_lora_math import a1111_deltas, merge_like_a1111
@@ -202,5 +203,5 @@ def test_generate_applies_a_loha_file_by_its_name(tiny_sd1_files, lora_dir, tmp_
                                  "--lora-dir", str(lora_dir), "--out", str(out)], capsys)
         assert rc == 0, err
         with Image.open(out) as image:
-            images.append(torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float32))
+            images.append(torch.tensor(np.asarray(image.convert("RGB")), dtype=torch.float32))
     assert (images[0] - images[1]).abs().mean() > 1.0, "the LoHa changes nothing"

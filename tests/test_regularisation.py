@@ -55,6 +55,7 @@ def test_dropout_is_for_lora_and_locon_and_goes_into_the_metadata():
 def test_max_norm_scales_only_the_layers_above_it(tiny_sd1):
     network = randomised(LoraNetwork(tiny_sd1.lora_targets(conv=True), 4, seed=1, conv_rank=2))
 
+    @torch.no_grad()
     def norms():
         return {name: float((m.lora_up.weight.reshape(m.lora_up.weight.shape[0], -1)
                              @ m.lora_down.weight.reshape(m.lora_down.weight.shape[0], -1)).norm() * m.scale)
