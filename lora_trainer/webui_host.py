@@ -31,13 +31,11 @@ def forge_hooks(sd_models) -> dict:
 
 class WebUIHost:
     def __init__(self, shared, queue_lock, lora_dir: Path, devices=None, networks=None, render=None,
-                 make_conditioning=None, forge_reload=None, load_model_gpu=None):
-        """``make_conditioning(prompts, size)``: ``prompt_parser.SdConditioning``, for a Forge SDXL model without
-        the ``embedder`` its size conditioning is made with (one size per call then);
-        ``forge_reload``: Forge's ``sd_models.forge_model_reload`` (its model loads lazily);
+                 forge_reload=None, load_model_gpu=None):
+        """``forge_reload``: Forge's ``sd_models.forge_model_reload`` (its model loads lazily);
         ``load_model_gpu``: Forge's ``memory_management.load_model_gpu``."""
         self.shared, self.queue_lock, self.devices = shared, queue_lock, devices
-        self.networks, self.render, self.make_conditioning = networks, render, make_conditioning
+        self.networks, self.render = networks, render
         self.forge_reload, self.load_model_gpu = forge_reload, load_model_gpu
         self._lora_dir = Path(lora_dir)
         self._begun = False
@@ -56,8 +54,7 @@ class WebUIHost:
         if hasattr(sd_model, "forge_objects"):
             from .backbones.forge import ForgeBackbone
 
-            return ForgeBackbone(sd_model, device=device, load_model_gpu=self.load_model_gpu, render=self.render,
-                                 make_conditioning=self.make_conditioning)
+            return ForgeBackbone(sd_model, device=device, load_model_gpu=self.load_model_gpu, render=self.render)
         from .backbones.a1111 import A1111Backbone
 
         cmd_opts = getattr(self.shared, "cmd_opts", None)

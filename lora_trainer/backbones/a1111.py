@@ -34,6 +34,9 @@ from .original_unet import (
 
 logger = logging.getLogger("lora_trainer")
 
+_UNSET = object()
+
+
 @contextlib.contextmanager
 def _trainable(embedders) -> Iterator[None]:
     """sgm's ``is_trainable`` set on ``embedders`` (so its conditioner lets gradients through), then put back."""
@@ -48,9 +51,6 @@ def _trainable(embedders) -> Iterator[None]:
                 embedder.__dict__.pop("is_trainable", None)
             else:
                 embedder.is_trainable = value
-
-
-_UNSET = object()
 
 
 def detect_family(sd_model) -> str:

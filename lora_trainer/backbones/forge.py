@@ -31,7 +31,6 @@ from .base import FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off
 from .original_unet import (
     SamplingFallback,
-    encode_by_size,
     hf_clip_targets,
     unet_blocks,
     unet_lora_targets,
@@ -82,8 +81,7 @@ def make_params_trainable_inputs(root: nn.Module) -> int:
 
 class ForgeBackbone(SamplingFallback):
     def __init__(self, sd_model, device: Optional[torch.device] = None,
-                 load_model_gpu: Optional[Callable[[object], None]] = None, render=None,
-                 make_conditioning: Optional[Callable] = None):
+                 load_model_gpu: Optional[Callable[[object], None]] = None, render=None):
         for flag, name in (("is_sd3", "SD3"), ("is_flux", "Flux")):
             if getattr(sd_model, flag, False):
                 raise ModelError(f"the loaded checkpoint is {name}; training supports SD1, SD2 and SDXL checkpoints")
@@ -104,7 +102,7 @@ class ForgeBackbone(SamplingFallback):
         info = getattr(sd_model, "sd_checkpoint_info", None)
         self.model_name = getattr(info, "model_name", None) or getattr(info, "name", None) or "forge-model"
         self.model_hash = getattr(sd_model, "sd_model_hash", None) or getattr(info, "shorthash", None)
-        self.load_model_gpu, self.render, self.make_conditioning = load_model_gpu, render, make_conditioning
+        self.load_model_gpu, self.render = load_model_gpu, render
 
     @property
     def unet(self) -> nn.Module:
@@ -122,16 +120,11 @@ class ForgeBackbone(SamplingFallback):
         return self.sd_model.decode_first_stage(latents.to(self.device)).clone()
 
     def encode_prompts(self, prompts: Sequence[str], sizes: Optional[Sequence[Size]] = None):
+        cond = self._learned_conditioning(list(prompts))
         embed = getattr(self.sd_model, "embedder", None)  # Forge's StableDiffusionXL: Timestep(256)
-        if self.family != "sdxl":
-            return self._learned_conditioning(list(prompts))
-        if embed is not None:  # each image's own original size, crop and target size
-            return with_item_sizes(self._learned_conditioning(list(prompts)), sizes, len(prompts), embed)
-        if self.make_conditioning is None:
-            return self._learned_conditioning(list(prompts))
-        # one size per call, as Forge reads it from the prompt object
-        return encode_by_size(prompts, sizes, lambda group, size: self._learned_conditioning(
-            self.make_conditioning(group, size)))
+        if self.family != "sdxl" or embed is None:
+            return cond
+        return with_item_sizes(cond, sizes, len(prompts), embed)  # each image's own original size, crop, target
 
     def _learned_conditioning(self, prompts):
         encode = self.sd_model.get_learned_conditioning

@@ -112,25 +112,6 @@ def _sizes_for(items: Sequence, sizes: Optional[Sequence[Size]]) -> List[Size]:
     return list(sizes) if sizes else [(1024, 1024)] * len(items)
 
 
-def encode_by_size(prompts: Sequence[str], sizes: Optional[Sequence[Size]],
-                   encode: Callable[[List[str], Size], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """SDXL conditioning from a WebUI, whose size conditioning is one per call (the prompt object's width/height):
-    ``encode(prompts, (width, height))`` once per bucket size, the results put back in prompt order."""
-    sizes = list(sizes) if sizes else [(1024, 1024)] * len(prompts)
-    groups: Dict[Size, List[int]] = {}
-    for i, size in enumerate(sizes):
-        groups.setdefault((int(size[0]), int(size[1])), []).append(i)
-    parts, order = [], []
-    for size, indices in groups.items():
-        parts.append(encode([prompts[i] for i in indices], size))
-        order += indices
-    if len(parts) == 1:
-        return parts[0]
-    cond = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-    inverse = torch.argsort(torch.tensor(order))
-    return {k: v[inverse.to(v.device)] for k, v in cond.items()}
-
-
 def unet_blocks(unet: nn.Module) -> List[nn.Module]:
     return list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
 
