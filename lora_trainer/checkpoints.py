@@ -16,6 +16,7 @@ import torch
 
 from .errors import TrainingError
 from .files import atomic_dir
+from .tensor_files import load_tensors
 
 STATE_FILE = "training_state.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -57,10 +58,14 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def load_checkpoint_state(folder: Path) -> dict:
     try:
-        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_tensors(Path(folder) / STATE_FILE)
     except Exception as exc:  # a damaged file can fail in many ways inside torch.load
         raise TrainingError(f"{folder}: the checkpoint cannot be read ({type(exc).__name__}); "
                             "delete this folder to resume from the one before") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise TrainingError(f"{folder}: the checkpoint cannot be read (no training state in {STATE_FILE}); "
+                            "delete this folder to resume from the one before")
+    return state
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

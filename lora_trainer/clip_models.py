@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from .errors import ModelError
+from .tensor_files import load_tensors
 
 logger = logging.getLogger("lora_trainer")
 
@@ -269,7 +270,7 @@ def _read_state_dict(path: Path) -> tuple[dict, bool]:
             with warnings.catch_warnings():  # torch >= 2.9 deprecates jit.load; OpenAI's files are TorchScript
                 warnings.simplefilter("ignore", FutureWarning)
                 return _clean(torch.jit.load(str(path), map_location="cpu").state_dict()), True
-        return _clean(torch.load(str(path), map_location="cpu", weights_only=True)), False
+        return _clean(load_tensors(path)), False
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many types for a bad file

@@ -141,6 +141,9 @@ class LoopBase:
         self.scheduler.load_state_dict(state["scheduler"])
         self.losses.extend(state.get("recent_losses", []))
         step = int(state["step"])
+        # Only now that the checkpoint has loaded: an extend raises max_train_steps, and a later resume must see
+        # the new total, but a failed extend or resume leaves the run's config.yaml and metrics as they were.
+        self.run_folder.save_config(self.config)
         self.run_folder.truncate_metrics(step)
         logger.info("resuming %s from step %d (%s)", self.run_folder.name, step, folder.name)
         return step

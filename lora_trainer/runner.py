@@ -35,8 +35,6 @@ def run_training(config: TrainConfig, load_backbone: BackboneLoader, events: Opt
             data = prepare_data(config)  # a bad dataset fails here, before any model loads
         check_init_lora(config)
         guard.run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(config)
-        if resume_dir:
-            guard.run.save_config(config)  # an extend raises max_train_steps; a later resume must see the new total
         guard.run.start_log(earlier=scan_log)  # train.log also lists the images the scan skipped
         logger.info("run folder: %s", guard.run.path)
         backbone = load_backbone(config)

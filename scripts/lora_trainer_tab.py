@@ -125,8 +125,11 @@ def on_app_started(demo, app):  # demo is None under --nowebui
 def on_ui_settings():
     import gradio as gr
 
+    # A1111 1.10 and Forge build a default widget only for str, int and bool settings (ui_settings.py
+    # create_setting_component raises for anything else, and the WebUI does not start): floats get one here.
     components = {"lora_trainer_default_rank": (gr.Slider, {"minimum": 1, "maximum": 128, "step": 1}),
                   "lora_trainer_default_steps": (gr.Number, {"precision": 0}),
+                  "lora_trainer_default_lr": (gr.Number, {}),
                   "lora_trainer_default_weight": (gr.Slider, {"minimum": 0.0, "maximum": 2.0, "step": 0.05})}
     for key, (default, label) in DEFAULTS.items():
         component, args = components.get(key, (None, None))

@@ -2,6 +2,7 @@
 
 import threading
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,14 @@ from lora_trainer.webui_host import WebUIHost
 pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (installed with --no-deps by `make test`)")
 pytestmark = pytest.mark.slow
 
-from standins.a1111 import Networks, QueueLock, State, load_ldm_model, medvram_hooks  # noqa: E402
+from standins.a1111 import (  # noqa: E402
+    Networks,
+    QueueLock,
+    State,
+    load_ldm_model,
+    medvram_hooks,
+    safe_torch_load,
+)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +212,9 @@ def test_job_holds_the_queue_lock_and_reports_through_shared_state(sd_model, dat
     assert snap["published"] and snap["lora_path"].endswith("w.safetensors")
 
 
-def test_webui_interrupt_stops_and_saves_and_errors_release_the_lock(sd_model, dataset, tmp_path):
+def test_webui_interrupt_stops_and_saves_and_errors_release_the_lock(sd_model, dataset, tmp_path, monkeypatch):
+    # A1111 replaces torch.load with its safe unpickler, which refused the training state torch writes: Extend failed
+    monkeypatch.setattr(torch, "load", safe_torch_load(torch.load))
     host, shared, lock, _ = make_host(sd_model, tmp_path)
     job = start_job(make_config(dataset, tmp_path / "runs", max_train_steps=200), host)
     job.events.subscribe(lambda e: shared.state.interrupt() if isinstance(e, Progress) and e.step == 3 else None)
@@ -220,6 +230,15 @@ def test_webui_interrupt_stops_and_saves_and_errors_release_the_lock(sd_model, d
     assert [step for step, _ in extended.snapshot()["losses"]] == [1, 2, 3, 4, 5, 6]  # the whole run's chart
     _, meta = read_lora_file(extended.lora_path)
     assert meta["ss_steps"] == "6"
+
+    # A failed Extend (here: the last checkpoint's state is damaged) changes none of the run's files.
+    run_dir = Path(extended.snapshot()["run_dir"])
+    (run_dir / "checkpoints" / "checkpoint-000006" / "training_state.pt").write_bytes(b"damaged")
+    before = {p.name: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.csv")}
+    broken = extended.extend(5)
+    assert broken.wait(300) and broken.snapshot()["state"] == "failed"
+    assert "checkpoint cannot be read" in broken.snapshot()["error"]
+    assert {p.name: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.csv")} == before
 
     sd_model.apply_model = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     try:

@@ -72,6 +72,32 @@ def test_registers_settings_and_the_tab(webui, tmp_path):
     assert host.forge_reload is None and host.load_model_gpu is None  # A1111
 
 
+def test_every_setting_gets_a_widget_on_the_webuis_settings_page(webui):
+    """A1111 1.10 and Forge make a default widget only for str, int and bool settings; a float without a component
+    stopped both real WebUIs at start ("bad options item type")."""
+    import gradio as gr
+
+    _, callbacks, shared = webui
+    callbacks.ui_settings_callback()
+    from modules import ui_settings
+
+    with gr.Blocks():
+        components = ui_settings.create_settings_page()
+    assert len(components) == len(shared.opts.data_labels) >= 12
+    lr = next(c for c in components if c.elem_id == "setting_lora_trainer_default_lr")
+    assert lr.value == pytest.approx(1e-4)
+
+
+def test_the_settings_stand_in_refuses_a_float_without_a_component(webui):
+    """The stand-in keeps the real rule, so CI sees the mistake that stopped both WebUIs."""
+    _, _, shared = webui
+    from modules import ui_settings
+
+    shared.opts.add_option("lora_trainer_test_float", shared.OptionInfo(0.5, "a float", section=("x", "x")))
+    with pytest.raises(Exception, match="bad options item type: <class 'float'>"):
+        ui_settings.create_setting_component("lora_trainer_test_float")
+
+
 def test_on_forge_the_host_gets_forges_lazy_load_and_memory_manager(webui, monkeypatch):
     """Forge's ``sd_models.forge_model_reload`` and ``backend.memory_management.load_model_gpu`` reach the host."""
     import types

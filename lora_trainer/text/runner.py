@@ -41,8 +41,6 @@ def run_text_training(config: TrainConfig, events: Optional[EventBus] = None, st
         tokenizer = load_tokenizer(folder)
         data = tokenize_records(records, tokenizer, config.max_seq_length)
         run = guard.run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(_named(config))
-        if resume_dir:
-            run.save_config(config)
         run.start_log()
         logger.info("run folder: %s", run.path)
         more = f" and {len(records.files) - 5} more" if len(records.files) > 5 else ""

@@ -16,14 +16,18 @@
   parameter's storage by a copy (what ``.to(device)`` does to ``param.data``), so anything holding on to
   the old storage or registered inside the moved modules would be caught.
 - ``QueueLock`` / ``State``: ``call_queue.queue_lock`` (a FIFO, non-reentrant lock) and ``shared.state``.
+- ``safe_torch_load``: ``modules/safe.py``'s replacement of ``torch.load`` (an allow-list of zip members; None on a
+  refusal).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import types
+import zipfile
 from pathlib import Path
 
 import torch
@@ -243,3 +247,28 @@ class State:
 
     def assign_current_image(self, image):
         self.current_image = image
+
+
+# -- modules/safe.py: A1111 replaces torch.load at start -----------------------------------------------------------
+_ALLOWED_ZIP_NAMES = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
+
+
+def safe_torch_load(unsafe_load):
+    """A1111 1.10's ``modules.safe.load`` around the original ``torch.load``: a zip member outside its allow-list
+    (``archive/.format_version``, which torch >= 2.x writes into every file) makes it log an error and return
+    None, not raise. Extend inside the real A1111 failed this way ("'NoneType' object has no attribute 'get'")."""
+
+    def load(filename, *args, **kwargs):
+        try:
+            with zipfile.ZipFile(filename) as archive:
+                for name in archive.namelist():
+                    if not _ALLOWED_ZIP_NAMES.match(name):
+                        raise Exception(f"bad file inside {filename}: {name}")
+        except zipfile.BadZipFile:
+            pass
+        except Exception as exc:  # noqa: BLE001 - as A1111: report and return None
+            print(f"Error verifying pickled file from {filename}: {exc}")
+            return None
+        return unsafe_load(filename, *args, **kwargs)
+
+    return load

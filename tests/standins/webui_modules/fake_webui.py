@@ -2,7 +2,8 @@
 
 ``python fake_webui.py EXTENSION_DIR PORT``: imports the extension's scripts/*.py as ``scripts.load_scripts``
 does (extension dir on sys.path while importing), runs the settings and ui_tabs callbacks, renders the tabs
-after a txt2img tab holding ``#txt2img_prompt`` (``modules/ui.py:create_ui``), injects javascript/*.js and
+after a txt2img tab holding ``#txt2img_prompt`` (``modules/ui.py:create_ui``) and before a Settings tab built by
+A1111's widget rule (``modules/ui_settings.py``), injects javascript/*.js and
 style.css into the page (``ui_gradio_extensions.reload_javascript``), serves it with the queue on and gives the
 extensions the FastAPI app (``on_app_started``).
 """
@@ -45,7 +46,7 @@ def reload_javascript(extension: Path) -> None:
 
 def main(extension: Path, port: int) -> None:
     import gradio as gr
-    from modules import script_callbacks
+    from modules import script_callbacks, ui_settings
 
     load_scripts(extension)
     script_callbacks.ui_settings_callback()
@@ -58,6 +59,8 @@ def main(extension: Path, port: int) -> None:
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
+            with gr.TabItem("Settings", id="settings", elem_id="tab_settings"):
+                ui_settings.create_settings_page()  # raises, as the real page does, for an option it cannot show
     demo.queue(64)
     # webui.py:webui(): launch without blocking, then the extensions' on_app_started callbacks get the FastAPI app.
     app, _, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
