@@ -4,7 +4,8 @@ import pytest
 import torch
 from lora_helpers import network_as_trained
 
-from lora_trainer.backbones.forge import ForgeBackbone
+from lora_trainer.backbones.checkpointing import norm_inputs_copied
+from lora_trainer.backbones.forge import ForgeBackbone, make_params_trainable_inputs
 from lora_trainer.backbones.single_file import load_backbone_from_path
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
@@ -55,14 +56,18 @@ def test_training_on_forge_model_undoes_its_loras_and_reproduces_in_diffusers(fo
     forge_model.forge_objects_original.unet.patch_lora(layer, torch.full_like(layer.weight, 0.25))
     assert not torch.equal(layer.weight, pristine["input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"])
 
+    text = forge_model.forge_objects.clip.cond_stage_model
+    flags_before = [p.requires_grad for p in [*unet.parameters(), *text.parameters()]]
+    assert sum(flags_before) > 100  # Forge's Parameters keep torch's default requires_grad=True
+
     backbone = ForgeBackbone(forge_model)
-    result = run_training(config(tmp_path, gradient_checkpointing=True), lambda c: backbone)
+    result = run_training(config(tmp_path), lambda c: backbone)  # every option at its default
     assert result.loss_after < result.loss_before
     assert forge_model.current_lora_hash == "[]"
     after = values_of(unet)
     assert all(torch.equal(pristine[k], after[k]) for k in pristine), "Forge's weights changed"
-    assert not any(p.requires_grad for p in unet.parameters())
-    assert not any("forward" in m.__dict__ for m in unet.modules())
+    assert [p.requires_grad for p in [*unet.parameters(), *text.parameters()]] == flags_before
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in unet.modules())
 
     network = network_as_trained(backbone.lora_targets(), 4, result.run_dir)
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd1_files["folder"]), safety_checker=None,
@@ -76,6 +81,34 @@ def test_training_on_forge_model_undoes_its_loras_and_reproduces_in_diffusers(fo
             in_forge = backbone.predict(x, t, cond)
         in_diffusers = pipe.unet(x, t, encoder_hidden_states=cond).sample
     assert (in_forge - in_diffusers).abs().max() <= 1e-5
+
+
+def test_forge_trains_with_gradient_checkpointing_too(forge_model, tmp_path):
+    unet = forge_model.forge_objects.unet.model.diffusion_model
+    pristine = values_of(unet)
+    result = run_training(config(tmp_path, gradient_checkpointing=True, max_train_steps=3),
+                          lambda c: ForgeBackbone(forge_model))
+    assert result.steps == 3 and result.lora_path.is_file()
+    assert all(torch.equal(pristine[k], v) for k, v in values_of(unet).items())
+
+
+def test_the_stand_in_adds_in_place_as_forge_does(forge_model):
+    """Without the norm-input copies, a LoRA's gradient through Forge's block fails as it did in the real Forge."""
+    block = forge_model.forge_objects.unet.model.diffusion_model.input_blocks[4][1].transformer_blocks[0]
+    make_params_trainable_inputs(block)
+    block.requires_grad_(False)
+    lora_like = torch.nn.Parameter(torch.zeros(1))
+    context = torch.randn(1, 77, block.attn2.to_k.in_features)
+
+    def backward():
+        x = torch.randn(1, 16, block.norm1.normalized_shape[0]) + lora_like
+        block._forward(x, context).sum().backward()
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        backward()
+    with norm_inputs_copied(block):
+        backward()
+    assert lora_like.grad is not None and not any(m._forward_pre_hooks for m in block.modules())
 
 
 def test_low_bit_storage_is_refused(forge_model):

@@ -75,6 +75,8 @@ def test_forge_sdxl_trains_unet_and_both_text_encoders_and_gives_everything_back
     encoders = forge_xl.forge_objects.clip.cond_stage_model
     pristine_unet, pristine_te = values_of(unet), values_of(encoders)
     assert inference_tensors(unet) and inference_tensors(encoders)  # as Forge loads them
+    flags_before = [p.requires_grad for p in [*unet.parameters(), *encoders.parameters()]]
+    assert any(flags_before)  # torch's default, which Forge's Parameters keep
     layer = unet.input_blocks[4][1].transformer_blocks[0].attn2.to_v
     forge_xl.forge_objects_original.unet.patch_lora(layer, torch.full_like(layer.weight, 0.25))  # a LoRA applied
 
@@ -104,8 +106,8 @@ def test_forge_sdxl_trains_unet_and_both_text_encoders_and_gives_everything_back
     assert all(torch.equal(pristine_unet[k], after_unet[k]) for k in pristine_unet), "Forge's UNet changed"
     assert all(torch.equal(pristine_te[k], after_te[k]) for k in pristine_te), "Forge's text encoders changed"
     assert inference_tensors(unet) == [] and inference_tensors(encoders) == []
-    assert not any(p.requires_grad for p in [*unet.parameters(), *encoders.parameters()])
-    assert not any("forward" in m.__dict__ for m in [*unet.modules(), *encoders.modules()])
+    assert [p.requires_grad for p in [*unet.parameters(), *encoders.parameters()]] == flags_before
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in [*unet.modules(), *encoders.modules()])
 
     tensors, meta = read_lora_file(result.lora_path)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"

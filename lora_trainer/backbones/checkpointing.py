@@ -60,3 +60,35 @@ def checkpointed(blocks: Iterable[nn.Module]) -> Iterator[None]:
             else:
                 block.__dict__.pop("forward", None)
 
+
+
+def _copy_input_when_training(_module: nn.Module, args: tuple):
+    x = args[0]
+    if torch.is_grad_enabled() and x.requires_grad:
+        return (x.clone(),) + tuple(args[1:])
+    return None
+
+
+@contextlib.contextmanager
+def norm_inputs_copied(root: nn.Module, block_class: str = "BasicTransformerBlock",
+                       norms: Tuple[str, ...] = ("norm_in", "norm1", "norm2")) -> Iterator[None]:
+    """Give each transformer block's LayerNorms a copy of their input while gradients are recorded.
+
+    Forge's ``BasicTransformerBlock._forward`` adds the attention output to the residual in place
+    (``n = self.norm1(x); ...; x += n``). LayerNorm keeps its input for the backward pass, so once a LoRA makes
+    ``x`` require grad, autograd refuses the modified tensor ("modified by an inplace operation"). A copy
+    per norm costs what ldm's out-of-place ``x = attn(norm(x)) + x`` costs; nothing changes without gradients.
+    """
+    handles = []
+    for module in root.modules():
+        if type(module).__name__ != block_class:
+            continue
+        for name in norms:
+            norm = getattr(module, name, None)
+            if isinstance(norm, nn.LayerNorm):
+                handles.append(norm.register_forward_pre_hook(_copy_input_when_training))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -10,6 +10,8 @@ Forge differs from A1111 in ways that matter for training (webui_internals.md §
 - LoRAs are patched in by replacing Parameter objects and cached by file name; ``refresh_loras()``
   on the original patchers undoes that;
 - low-bit storage (fp8, nf4, gguf) cannot be trained;
+- its transformer blocks add to the residual in place (``x += n``) after a LayerNorm has kept ``x`` for the
+  backward pass: while training, those norms get a copy of their input (``norm_inputs_copied``);
 - ``get_learned_conditioning`` runs under ``@torch.inference_mode()``: when a text-encoder LoRA trains, the
   undecorated function (``__wrapped__``) is called so that gradients reach it;
 - its text encoders are all HF CLIP (``clip_l`` SD1/SDXL, ``clip_h`` SD2, ``clip_g`` SDXL), so kohya's
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .base import FrozenModels, Size
-from .checkpointing import checkpointed, native_checkpointing_off
+from .checkpointing import checkpointed, native_checkpointing_off, norm_inputs_copied
 from .original_unet import (
     SamplingFallback,
     hf_clip_targets,
@@ -65,12 +67,13 @@ def undo_forge_loras(sd_model) -> None:
 
 
 def make_params_trainable_inputs(root: nn.Module) -> int:
-    """Replace inference-mode parameters and buffers by ordinary tensors with the same values."""
+    """Replace inference-mode parameters and buffers by ordinary tensors with the same values (and the same
+    ``requires_grad``: Forge's Parameters keep torch's default True, and a run gives back the flags it found)."""
     replaced = 0
     for module in root.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_inference():
-                module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
+                module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
                 replaced += 1
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.is_inference():
@@ -161,5 +164,6 @@ class ForgeBackbone(SamplingFallback):
         if replaced:
             logger.info("made %d inference-mode tensors trainable inputs (same values)", replaced)
         blocks = unet_blocks(self.unet) if gradient_checkpointing else []
-        with FrozenModels(self.unet, *text), native_checkpointing_off(self.unet), checkpointed(blocks):
+        with FrozenModels(self.unet, *text), native_checkpointing_off(self.unet), checkpointed(blocks), \
+                norm_inputs_copied(self.unet):
             yield

@@ -7,8 +7,9 @@ the tiny test checkpoint:
   ``prediction_type``) and ``storage_dtype`` / ``computation_dtype``;
 - every ``nn.Linear`` is swapped for ``ForgeLinear``, a plain Module with ``weight``/``bias`` and a manual
   cast, as ``using_forge_operations()`` builds them;
-- every parameter is an inference tensor (Forge loads under ``torch.inference_mode``), and so are the
-  results of ``get_learned_conditioning`` and ``encode_first_stage``;
+- every parameter is an inference tensor (Forge loads under ``torch.inference_mode``) with
+  ``requires_grad=True``, and so are the results of ``get_learned_conditioning`` and ``encode_first_stage``;
+- the transformer blocks add to the residual in place (``x += n``), as Forge's ``BasicTransformerBlock`` does;
 - ``patch_lora`` replaces Parameter objects by merged ones and keeps the originals, as ``LoraLoader.refresh``
   does; ``refresh_loras()`` with no patches puts the originals back.
 SD2 (``sd20.StableDiffusion2``) too, from a checkpoint whose yaml names open_clip: the text encoder is ``clip_h``
@@ -49,11 +50,33 @@ def _swap_linears(root: nn.Module) -> None:
 
 
 def _to_inference(root: nn.Module) -> None:
+    """Forge loads state dicts under inference mode into modules built normally: each Parameter holds an inference
+    tensor and keeps torch's default ``requires_grad=True`` (the real Forge: 286 UNet and 198 CLIP tensors)."""
     with torch.inference_mode():
         for module in root.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None:
-                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                    module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+def _forward_adding_in_place(self, x, context=None):
+    """Forge's ``backend/nn/unet.py`` ``BasicTransformerBlock._forward`` in short: the residual adds are in place
+    (``x += n``), after ``norm1``/``norm2`` have kept ``x`` for the backward pass. ldm's own block adds out of
+    place, so without this the stand-in trained where the real Forge failed ("modified by an inplace operation")."""
+    n = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+    x += n
+    n = self.attn2(self.norm2(x), context=context)
+    x += n
+    x_skip = x
+    x = self.ff(self.norm3(x))
+    x += x_skip
+    return x
+
+
+def _forge_transformer_blocks(unet: nn.Module) -> None:
+    for module in unet.modules():
+        if type(module).__name__ == "BasicTransformerBlock":
+            module._forward = types.MethodType(_forward_adding_in_place, module)
 
 
 class Patcher:
@@ -123,6 +146,7 @@ def load_forge_model(tiny_files: dict):
     prefix = "model.diffusion_model."
     unet.load_state_dict({k[len(prefix):]: v for k, v in load_file(str(checkpoint)).items() if k.startswith(prefix)})
     unet.eval()
+    _forge_transformer_blocks(unet)
     _swap_linears(unet)
     _to_inference(unet)
     folder = Path(tiny_files["folder"])

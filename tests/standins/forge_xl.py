@@ -24,7 +24,7 @@ import types
 import torch
 from torch import nn
 
-from standins.forge import ForgeObjects, Patcher, _swap_linears, _to_inference
+from standins.forge import ForgeObjects, Patcher, _forge_transformer_blocks, _swap_linears, _to_inference
 from standins.sgm import SdConditioning, build_sdxl_like
 
 __all__ = ["ForgeXLModel", "SdConditioning", "load_forge_xl_model"]
@@ -106,6 +106,7 @@ def load_forge_xl_model(tiny_files: dict, seed: int = 0) -> ForgeXLModel:
                                           num_attention_heads=4, vocab_size=49408, max_position_embeddings=77))
     joint = nn.ModuleDict({"clip_l": _integrated_clip(first),
                            "clip_g": _integrated_clip(second, second.config.hidden_size)})
+    _forge_transformer_blocks(unet)
     for module in (unet, joint):
         module.eval()
         _swap_linears(module)
