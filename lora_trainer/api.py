@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from .config import TrainConfig, is_safe_name
-from .errors import ConfigError, UserError
+from .errors import ConfigError, DatasetError, ModelError, UserError
 from .host import Host
 from .job import JobBusy, JobNotExtendable, get_job, start_job
 from .run_folder import RunFolder
@@ -141,7 +141,7 @@ def build_router(host: Union[Host, Callable[[], Host]], rules: PathRules,
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         if isinstance(exc, JobBusy):
             return JSONResponse({"error": str(exc)}, status_code=409)
-        if isinstance(exc, (ConfigError, JobNotExtendable)):
+        if isinstance(exc, (ConfigError, JobNotExtendable, DatasetError, ModelError)):  # checked before a start
             return JSONResponse({"error": str(exc)}, status_code=422)
         return JSONResponse({"error": str(exc)}, status_code=400)
 
@@ -159,6 +159,7 @@ def build_router(host: Union[Host, Callable[[], Host]], rules: PathRules,
     @router.post("/jobs", summary="Start training", status_code=201)
     def create_job(body: dict = Body(..., description="Config keys as in the YAML files; optionally 'images': "
                                                        "[{name, data (base64), caption}] instead of a folder")):
+        uploaded: Optional[Path] = None
         try:
             values = {**((defaults() if callable(defaults) else defaults) or {}), **body}
             images = values.pop("images", None)
@@ -167,8 +168,8 @@ def build_router(host: Union[Host, Callable[[], Host]], rules: PathRules,
                 raise ApiError(422, f"'output_name' {name!r} must be a plain file name, without '/' or '..'")
             if images is not None:
                 folder_name = f"{name or 'upload'}-{secrets.token_hex(4)}"
-                folder = _write_uploaded_images(images, rules.upload_dir, folder_name, rules.upload_limits)
-                values["train_data_dir"] = str(folder)
+                uploaded = _write_uploaded_images(images, rules.upload_dir, folder_name, rules.upload_limits)
+                values["train_data_dir"] = str(uploaded)
             elif "train_data_dir" not in values:
                 raise ApiError(422, "'train_data_dir' is required (a folder on the server), or send 'images'")
             values["train_data_dir"] = str(rules.check(str(values["train_data_dir"]), "train_data_dir"))
@@ -183,6 +184,8 @@ def build_router(host: Union[Host, Callable[[], Host]], rules: PathRules,
             job = start_job(config, host if hasattr(host, "load_backbone") else host())
             return JSONResponse(describe(job), status_code=201)
         except (ApiError, UserError) as exc:
+            if uploaded is not None:  # a refused request leaves nothing behind
+                shutil.rmtree(uploaded, ignore_errors=True)
             return error(exc)
 
     @router.get("/jobs/{job_id}", summary="State, progress, metrics and result of a job")

@@ -31,6 +31,9 @@ def make_buckets(resolution: int, min_reso: int, max_reso: int, step: int) -> li
             buckets.add((width, height))
             buckets.add((height, width))
         width += step
+    if not buckets and resolution < min_reso:
+        raise ConfigError(f"resolution {resolution} is below min_bucket_reso {min_reso}, so no bucket fits; set "
+                          f"min_bucket_reso to at most {resolution} (or raise resolution)")
     if not buckets:
         raise ConfigError(f"no bucket fits: resolution {resolution} with sides between {min_reso} and {max_reso} "
                           f"in steps of {step}; lower min_bucket_reso or raise resolution")

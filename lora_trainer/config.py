@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .buckets import make_buckets
 from .errors import ConfigError
 
 logger = logging.getLogger("lora_trainer")
@@ -237,6 +238,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: 'resolution' must be a multiple of 8, got {self.resolution}")
         if self.bucket_reso_steps % 8:
             raise ConfigError(f"{source}: 'bucket_reso_steps' must be a multiple of 8, got {self.bucket_reso_steps}")
+        if self.enable_bucket:  # before a run starts, not at its first step
+            try:
+                make_buckets(self.resolution, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         lora_only = [k for k in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms")
                      if getattr(self, k)]
         if lora_only and self.network not in ("lora", "locon"):

@@ -31,6 +31,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a file should get the mode open() gives
         os.replace(tmp_path, target)
     except OSError as exc:
         raise StorageError(_explain(exc, target)) from None
@@ -72,6 +73,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise StorageError(_explain(exc, target)) from None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -80,6 +82,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; the WebUI's other threads may create files meanwhile, and
+    # reading it back at once keeps that window to two system calls.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def new_run_dir(output_dir: Path, name: str) -> Path:

@@ -22,7 +22,7 @@ from .events import CheckpointSaved, EventBus, Failed, Finished, Progress, Sampl
 from .host import Host
 from .publish import publish_lora
 from .run_folder import RunFolder
-from .runner import run_training
+from .runner import CheckedInput, check_before_start, run_training
 
 logger = logging.getLogger("lora_trainer")
 
@@ -53,14 +53,15 @@ _current: Optional[TrainingJob] = None
 
 
 def start_job(config: TrainConfig, host: Host, resume_dir: Optional[Path] = None) -> TrainingJob:
-    """Start training in the background, or raise JobBusy while another run is active."""
+    """Start training in the background; raise JobBusy while another run is active, or the UserError of a dataset
+    or init_lora that cannot work (checked here, so the caller can refuse the request before anything starts)."""
     global _current
     with _registry_lock:
         if _current is not None and _current.state in ACTIVE:
             snap = _current.snapshot()
             raise JobBusy(f"a training run is already in progress ({snap['name']}, step {snap['step']}/"
                           f"{snap['total_steps']}); stop it or wait for it to finish")
-        job = TrainingJob(config, host, resume_dir)
+        job = TrainingJob(config, host, resume_dir, check_before_start(config))
         _current = job
         _jobs[job.id] = job
     job._thread.start()
@@ -86,9 +87,10 @@ class _LogTail(logging.Handler):
 
 
 class TrainingJob:
-    def __init__(self, config: TrainConfig, host: Host, resume_dir: Optional[Path] = None):
+    def __init__(self, config: TrainConfig, host: Host, resume_dir: Optional[Path] = None,
+                 checked: Optional[CheckedInput] = None):
         self.id = uuid.uuid4().hex[:12]
-        self.config, self.host, self.resume_dir = config, host, resume_dir
+        self.config, self.host, self.resume_dir, self.checked = config, host, resume_dir, checked
         self.state = JobState.QUEUED
         self.stop_request = StopRequest()
         self.events = EventBus()
@@ -157,7 +159,7 @@ class TrainingJob:
                 self.state = JobState.RUNNING
                 try:
                     result = run_training(self.config, self.host.load_backbone, self.events, self.stop_request,
-                                          self.resume_dir)
+                                          self.resume_dir, self.checked)
                     self.lora_path = result.lora_path
                     self._publish()
                     self.state = JobState.STOPPED if result.stopped else JobState.FINISHED

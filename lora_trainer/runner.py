@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -19,26 +20,45 @@ from .errors import ModelError, UserError
 from .events import EventBus, Failed, StopRequest
 from .run_folder import RunFolder
 from .trainer import TrainResult, train
-from .training_data import prepare_data
+from .training_data import PreparedData, prepare_data
 
 logger = logging.getLogger("lora_trainer")
 
 BackboneLoader = Callable[[TrainConfig], Backbone]
 
 
+@dataclass
+class CheckedInput:
+    """What ``check_before_start`` found: the prepared dataset and what its scan logged (skipped images)."""
+
+    data: PreparedData
+    scan_log: List[logging.LogRecord]
+
+
+def check_before_start(config: TrainConfig) -> CheckedInput:
+    """Everything that can be checked without the model: the dataset (images, captions, buckets) and init_lora.
+
+    The job runs it before it accepts a run, so the tab and the API refuse at once (the API with 422) and
+    nothing is written or locked; ``run_training`` runs it itself when called without it (the CLI).
+    """
+    with _remembered_logs() as scan_log:
+        data = prepare_data(config)
+    check_init_lora(config)
+    return CheckedInput(data, scan_log)
+
+
 def run_training(config: TrainConfig, load_backbone: BackboneLoader, events: Optional[EventBus] = None,
-                 stop: Optional[StopRequest] = None, resume_dir: Optional[Path] = None) -> TrainResult:
+                 stop: Optional[StopRequest] = None, resume_dir: Optional[Path] = None,
+                 checked: Optional[CheckedInput] = None) -> TrainResult:
     """Train as ``config`` says. With ``resume_dir``, continue that run from its last checkpoint."""
     events = events or EventBus()
     with RunGuard(events, resume_dir) as guard:
-        with _remembered_logs() as scan_log:
-            data = prepare_data(config)  # a bad dataset fails here, before any model loads
-        check_init_lora(config)
+        checked = checked or check_before_start(config)  # a bad dataset fails here, before any model loads
         guard.run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(config)
-        guard.run.start_log(earlier=scan_log)  # train.log also lists the images the scan skipped
+        guard.run.start_log(earlier=checked.scan_log)  # train.log also lists the images the scan skipped
         logger.info("run folder: %s", guard.run.path)
         backbone = load_backbone(config)
-        return train(config, backbone, data, guard.run, events, stop, resume=resume_dir is not None)
+        return train(config, backbone, checked.data, guard.run, events, stop, resume=resume_dir is not None)
 
 
 class RunGuard:

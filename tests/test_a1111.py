@@ -1,5 +1,6 @@
 """Training on A1111's loaded model: the real ldm classes, A1111's LoRA merges, --medvram moves, the queue lock."""
 
+import os
 import threading
 import types
 from pathlib import Path
@@ -208,6 +209,9 @@ def test_job_holds_the_queue_lock_and_reports_through_shared_state(sd_model, dat
     assert shared.state.current_image is not None and shared.state.current_image.size == (64, 64)  # live preview
     lora_dir = tmp_path / "models" / "Lora"
     assert sorted(p.name for p in lora_dir.iterdir()) == ["w.json", "w.preview.png", "w.safetensors"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in lora_dir.iterdir()} == {oct(0o666 & ~mask)}  # not mkstemp's 0600
     assert networks.refreshed == 1
     assert snap["published"] and snap["lora_path"].endswith("w.safetensors")
 

@@ -171,3 +171,33 @@ def test_a_host_per_job_and_defaults_read_at_each_request(tmp_path):
         job = get_job(started.json()["id"])
         assert job.config.base_model == name and job.host is made[-1]
     assert len(made) == 2
+
+
+def test_requests_that_cannot_train_are_refused_with_422_before_anything_starts(standalone):
+    """An empty folder, images without captions, a resolution no bucket fits: refused in one line, no job, no run
+    folder (the real WebUIs accepted all three with 201 and failed in the job)."""
+    from lora_trainer.job import current_job
+
+    client, data, tmp_path = standalone
+    auth = ("alice", "s3cret")
+    empty = tmp_path / "allowed" / "empty"
+    empty.mkdir()
+    uncaptioned = tmp_path / "allowed" / "uncaptioned"
+    uncaptioned.mkdir()
+    Image.new("RGB", (64, 64), "red").save(uncaptioned / "a.png")
+    before = current_job()
+    cases = {
+        "no images found in": {**TRAIN, "train_data_dir": str(empty)},
+        "no captions found in": {**TRAIN, "train_data_dir": str(uncaptioned)},
+        "set min_bucket_reso to at most 64": {"resolution": 64, "max_train_steps": 2, "train_data_dir": str(data)},
+    }
+    for message, body in cases.items():
+        answer = client.post(f"{PREFIX}/jobs", json=body, auth=auth)
+        assert answer.status_code == 422 and message in answer.json()["error"], answer.text
+        assert len(answer.json()["error"].splitlines()) == 1
+    assert current_job() is before
+    assert not (tmp_path / "allowed" / "runs").exists()
+    sent = {"name": "a.png", "data": base64.b64encode((uncaptioned / "a.png").read_bytes()).decode(), "caption": ""}
+    answer = client.post(f"{PREFIX}/jobs", json={**TRAIN, "images": [sent]}, auth=auth)
+    assert answer.status_code == 422 and "no captions" in answer.json()["error"]
+    assert not any((tmp_path / "allowed" / "uploads").glob("*/*"))  # the refused upload is not kept
