@@ -184,6 +184,12 @@ class TrainConfig:
                                           min=0.0, max=50.0)
     sample_seed: int = option(1234, "sample", "Seed of the sample images (fixed, so samples are comparable).",
                               min=0, max=2**31 - 1)
+    sample_at_end: bool = option(True, "sample", "Render sample_prompts once more after the last step (the first "
+                                 "image becomes name.preview.png, the WebUI's card picture).")
+    final_check: str = option("quick", "sample", "Does-it-work check after the last step: quick (the fixed-batch "
+                              "loss with and without the LoRA, 8 UNet passes, and its weights checked), full (also a "
+                              "strength sweep image at 6 weights, strength_sweep.png) or off.",
+                              choices=("quick", "full", "off"))
     # -- output --------------------------------------------------------------------------------
     output_dir: str = option("output", "output", "Where run folders are created.")
     output_name: str = option("", "output", "Name of the run and of the LoRA file (default: the config file's name).")

@@ -37,6 +37,15 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """Work after the last step (or before the first): ``name`` with ``done`` of ``total`` parts finished."""
+
+    name: str  # "checking the LoRA", "rendering samples", "saving"
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class SampleSaved:
     step: int
     paths: List[Path] = field(default_factory=list)

@@ -32,6 +32,9 @@ class Host(Protocol):
 
     def progress_finished(self) -> None: ...
 
+    def phase(self, text: str) -> None:
+        """Work after the last step ("checking the LoRA 3/8", "saving", "publishing"; "" when done)."""
+
     def sample_saved(self, paths: list) -> None:
         """New sample images (the WebUI shows the first as its live preview)."""
 
@@ -67,6 +70,9 @@ class StandaloneHost:
         pass
 
     def progress_finished(self) -> None:
+        pass
+
+    def phase(self, text: str) -> None:
         pass
 
     def sample_saved(self, paths: list) -> None:

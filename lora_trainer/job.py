@@ -18,7 +18,17 @@ from typing import List, Optional
 
 from .config import TrainConfig
 from .errors import UserError
-from .events import CheckpointSaved, EventBus, Failed, Finished, Progress, SampleSaved, Started, StopRequest
+from .events import (
+    CheckpointSaved,
+    EventBus,
+    Failed,
+    Finished,
+    Phase,
+    Progress,
+    SampleSaved,
+    Started,
+    StopRequest,
+)
 from .host import Host
 from .publish import publish_lora
 from .run_folder import RunFolder
@@ -103,6 +113,7 @@ class TrainingJob:
         self.lora_path: Optional[Path] = None
         self.published: List[str] = []
         self.error: Optional[str] = None
+        self.phase = ""  # after the last step: "checking the LoRA 3/8", "saving", ...
         self.log_tail: deque = deque(maxlen=200)
         self.created_at, self.finished_at = time.time(), None
         self._thread = threading.Thread(target=self._run, name=f"lora-trainer-{self.id}", daemon=True)
@@ -142,7 +153,7 @@ class TrainingJob:
             "eta_s": last.eta_s if last else None, "elapsed_s": last.elapsed_s if last else None,
             "losses": list(self.losses), "samples": list(self.samples),
             "lora_path": str(self.lora_path) if self.lora_path else None, "published": list(self.published),
-            "error": self.error, "log": list(self.log_tail)[-30:],
+            "phase": self.phase, "error": self.error, "log": list(self.log_tail)[-30:],
         }
 
     # -- the thread --------------------------------------------------------------------------------
@@ -160,11 +171,14 @@ class TrainingJob:
                 try:
                     result = run_training(self.config, self.host.load_backbone, self.events, self.stop_request,
                                           self.resume_dir, self.checked)
-                    self.lora_path = result.lora_path
-                    self._publish()
-                    self.state = JobState.STOPPED if result.stopped else JobState.FINISHED
                 finally:
                     self.host.progress_finished()
+            # The model is given back: the WebUI generates again while the file is published.
+            self.lora_path = result.lora_path
+            self._set_phase("publishing")
+            self._publish()
+            self.phase = ""
+            self.state = JobState.STOPPED if result.stopped else JobState.FINISHED
         except UserError as exc:
             logger.error("%s", exc)  # the runner keeps it out of the console; the tab's log tail shows it
             self.error, self.state = str(exc), JobState.FAILED
@@ -174,6 +188,10 @@ class TrainingJob:
         finally:
             self.finished_at = time.time()
             logger.removeHandler(handler)
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.host.phase(phase)
 
     def _publish(self) -> None:
         lora_dir = self.host.lora_dir()
@@ -198,6 +216,8 @@ class TrainingJob:
             if self.host.interrupted() and not self.stop_request.is_set():
                 logger.info("interrupted from the WebUI: stopping and saving at step %d", event.step)
                 self.stop(save=True)
+        elif isinstance(event, Phase):
+            self._set_phase(f"{event.name} {event.done}/{event.total}" if event.total > 1 else event.name)
         elif isinstance(event, SampleSaved):
             self.samples.extend(str(p) for p in event.paths)
             self.host.sample_saved(list(event.paths))

@@ -1,9 +1,10 @@
-"""Does the LoRA work? A cheap check after every finished run.
+"""Does the LoRA work? A cheap check after every finished run (``final_check``).
 
-The same seed and prompt are rendered with the LoRA at 0, 0.25, 0.5, 0.75, 1.0 and the preferred weight, in a
-few sampling steps; the sweep becomes ``strength_sweep.png`` in the run folder and the findings
-``lora_check.json``. A warning is logged and returned when the LoRA barely changes the image at the preferred
-weight, or when its weights are NaN, infinite or all zero.
+quick (the default) checks the weights (NaN, infinite, all zero) and records the fixed-batch loss the loop measured
+with and without the LoRA. full also renders the strength sweep: the same seed and prompt with the LoRA at 0, 0.25,
+0.5, 0.75, 1.0 and the preferred weight, in a few sampling steps, saved as ``strength_sweep.png`` in the run folder.
+Both write their findings to ``lora_check.json``. A warning is logged and returned when the weights are NaN,
+infinite or all zero, or (full) when the LoRA barely changes the image at the preferred weight.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class LoraCheck:
     mean_change: Optional[float] = None  # mean |image(preferred) - image(0)|, pixels in 0..1
     changes: Dict[str, float] = field(default_factory=dict)  # weight -> mean change against weight 0
     sweep_path: Optional[Path] = None
+    fixed_batch_loss: Dict[str, float] = field(default_factory=dict)  # without_lora / with_lora
 
     def to_dict(self) -> Dict[str, object]:
         data = asdict(self)
@@ -125,6 +127,18 @@ def check_lora(backbone, network, prompt: str, negative_prompt: str, seed: int, 
         grid.save(buffer, format="PNG")
         result.sweep_path = write_bytes_atomic(Path(out_dir) / SWEEP_FILE, buffer.getvalue())
         write_text_atomic(Path(out_dir) / REPORT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+    for warning in result.warnings:
+        logger.warning("LoRA check: %s", warning)
+    return result
+
+
+def check_weights(network, preferred_weight: float, run_dir: Path,
+                  fixed_batch_loss: Optional[Dict[str, float]] = None) -> LoraCheck:
+    """The quick check (``final_check: quick``): the weights themselves, and the fixed-batch losses the loop
+    measured, written to ``lora_check.json``; no image is rendered."""
+    result = LoraCheck(warnings=weight_problems(network.kohya_state_dict()), preferred_weight=preferred_weight,
+                       fixed_batch_loss=dict(fixed_batch_loss or {}))
+    write_text_atomic(Path(run_dir) / REPORT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
     for warning in result.warnings:
         logger.warning("LoRA check: %s", warning)
     return result

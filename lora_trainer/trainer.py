@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,10 +29,10 @@ from .diffusion import (
     sample_timesteps,
     training_target,
 )
-from .events import EventBus, Finished, SampleSaved, Started, StopRequest
+from .events import EventBus, Finished, Phase, SampleSaved, Started, StopRequest
 from .files import write_atomic
 from .loop_base import LoopBase
-from .lora_check import check_trained_lora
+from .lora_check import check_trained_lora, check_weights
 from .lora_file import read_lora_file, save_lora_file
 from .metadata import RunFacts, lora_metadata, new_session_id, sidecar_json
 from .network import LoraNetwork
@@ -56,6 +56,8 @@ class TrainResult:
 
 
 CONV_NETWORKS = ("locon", "loha", "lokr")  # the network types that also adapt the conv layers
+# final_check -> (images, timesteps) of the fixed batch, each run without and with the LoRA
+CHECK_BATCH = {"quick": (2, (250, 750)), "full": (4, (100, 400, 700, 900))}
 
 
 def build_network(config: TrainConfig, backbone: Backbone) -> LoraNetwork:
@@ -178,11 +180,8 @@ class _Loop(LoopBase):
             self.run_folder.write_chart()
             self.events.emit(Finished(self.run_folder.path, None, step, stopped=True))
             return TrainResult(self.run_folder.path, None, step, True)
-        # Both evaluations at the end (weight 0 is the base model), so nothing delays the first step.
-        loss_before = self._fixed_batch_loss(multiplier=0.0)
-        loss_after = self._fixed_batch_loss(multiplier=1.0)
+        loss_before, loss_after = self._check_losses()
         lora_path = self._finish(step)
-        logger.info("fixed-batch loss without the LoRA %.5f, with it %.5f", loss_before, loss_after)
         self.events.emit(Finished(self.run_folder.path, lora_path, step, stopped=stopped))
         return TrainResult(self.run_folder.path, lora_path, step, stopped, loss_before, loss_after)
 
@@ -309,26 +308,55 @@ class _Loop(LoopBase):
         return paths
 
     def _finish(self, step: int) -> Path:
-        run = self.run_folder
+        run, config = self.run_folder, self.config
+        self.events.emit(Phase("saving", 0, 1))
         self._ensure_final_checkpoint(step)
         save_lora_file(run.lora_path, self.network.kohya_state_dict(), self._metadata(step), self._precision())
-        run.write_sidecar(sidecar_json(self.config, self.facts))
-        samples = self._render_samples(step)
-        buffer = io.BytesIO()
-        from PIL import Image
+        run.write_sidecar(sidecar_json(config, self.facts))
+        if config.sample_at_end:
+            self.events.emit(Phase("rendering samples", 0, 1))
+            samples = self._render_samples(step)
+            buffer = io.BytesIO()
+            from PIL import Image
 
-        with Image.open(samples[0]) as first:
-            first.save(buffer, format="PNG")
-        run.write_preview(buffer.getvalue())
-        self.lora_check = check_trained_lora(self.network, self.backbone, self.config, run.path,
-                                             self.data.scan.records[0].caption)
+            with Image.open(samples[0]) as first:
+                first.save(buffer, format="PNG")
+            run.write_preview(buffer.getvalue())
+        if config.final_check == "full":
+            self.events.emit(Phase("checking the LoRA: strength sweep", 0, 1))
+            self.lora_check = check_trained_lora(self.network, self.backbone, config, run.path,
+                                                 self.data.scan.records[0].caption)
+        elif config.final_check == "quick":
+            self.lora_check = check_weights(self.network, config.preferred_weight, run.path, self.fixed_batch_losses)
         run.write_chart()
         logger.info("saved %s", run.lora_path)
         return run.lora_path
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _fixed_batch_loss(self, multiplier: float, max_items: int = 4,
-                          timesteps: Sequence[int] = (100, 400, 700, 900)) -> float:
+    def _check_losses(self) -> Tuple[Optional[float], Optional[float]]:
+        """The fixed-batch loss without and with the LoRA, sized by ``final_check`` (quick: 8 UNet passes)."""
+        self.fixed_batch_losses: Dict[str, float] = {}
+        if self.config.final_check == "off":
+            return None, None
+        items, timesteps = CHECK_BATCH[self.config.final_check]
+        items = min(items, len(self.data.scan.records))
+        total, started = 2 * items * len(timesteps), time.perf_counter()
+        done = [0]
+
+        def one_pass() -> None:
+            done[0] += 1
+            self.events.emit(Phase("checking the LoRA", done[0], total))
+
+        self.events.emit(Phase("checking the LoRA", 0, total))
+        before = self._fixed_batch_loss(0.0, items, timesteps, one_pass)
+        after = self._fixed_batch_loss(1.0, items, timesteps, one_pass)
+        self.fixed_batch_losses = {"without_lora": before, "with_lora": after}
+        logger.info("fixed-batch loss without the LoRA %.5f, with it %.5f (%d UNet passes, %.1f s)", before, after,
+                    total, time.perf_counter() - started)
+        return before, after
+
+    def _fixed_batch_loss(self, multiplier: float, max_items: int, timesteps: Sequence[int],
+                          on_pass: Callable[[], None] = lambda: None) -> float:
         """Mean loss over a fixed set of (image, timestep, noise), to compare with and without the LoRA."""
         config, records = self.config, self.data.scan.records
         rng = caption_rng(config.seed, -1)
@@ -349,4 +377,5 @@ class _Loop(LoopBase):
                     t_batch = torch.tensor([t], dtype=torch.long)
                     total += float(self._loss(latent, noise, t_batch, cond, weights_enabled=False))
                     count += 1
+                    on_pass()
         return total / max(count, 1) if count else math.nan

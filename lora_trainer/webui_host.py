@@ -78,6 +78,10 @@ class WebUIHost:
         state.textinfo = (f"Training LoRA: step {event.step}/{event.total_steps}, loss {event.avg_loss:.4f}, "
                           f"{event.it_per_s:.2f} it/s")
 
+    def phase(self, text: str) -> None:
+        if self._begun and text:  # the WebUI's progress bar says what runs after the last step
+            self.shared.state.textinfo = f"Training LoRA: {text}"
+
     def progress_finished(self) -> None:
         if self._begun:
             self.shared.state.end()

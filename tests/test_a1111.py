@@ -14,7 +14,7 @@ from lora_trainer.backbones.single_file import load_backbone_from_path
 from lora_trainer.config import TrainConfig
 from lora_trainer.demo import make_demo_dataset
 from lora_trainer.errors import ModelError
-from lora_trainer.events import EventBus, Progress, StopRequest
+from lora_trainer.events import EventBus, Phase, Progress, StopRequest
 from lora_trainer.job import JobBusy, start_job
 from lora_trainer.lora_file import read_lora_file
 from lora_trainer.runner import run_training
@@ -171,12 +171,14 @@ def make_host(sd_model, tmp_path, networks=None):
     shared = types.SimpleNamespace(sd_model=sd_model, state=State(), cmd_opts=types.SimpleNamespace(lowvram=False))
     networks = networks or Networks()
     networks.refreshed = 0
+    lock = QueueLock()
 
     def refresh():
         networks.refreshed += 1
+        networks.locked_when_published = lock.locked()
 
     networks.list_available_networks = refresh
-    lock = QueueLock()
+
     host = WebUIHost(shared, lock, tmp_path / "models" / "Lora", networks=networks)
     return host, shared, lock, networks
 
@@ -188,6 +190,8 @@ def test_job_holds_the_queue_lock_and_reports_through_shared_state(sd_model, dat
     job = start_job(make_config(dataset, tmp_path / "runs", max_train_steps=5), host)
 
     def on_progress(event):
+        if isinstance(event, Phase):
+            seen.setdefault("phases", []).append((shared.state.textinfo, lock.locked()))
         if isinstance(event, Progress) and event.step == 2:
             seen["locked"] = lock.locked() and lock.owner == threading.get_ident()
             seen["job_no"], seen["job_count"] = shared.state.job_no, shared.state.job_count
@@ -213,6 +217,9 @@ def test_job_holds_the_queue_lock_and_reports_through_shared_state(sd_model, dat
     os.umask(mask)
     assert {oct(p.stat().st_mode & 0o777) for p in lora_dir.iterdir()} == {oct(0o666 & ~mask)}  # not mkstemp's 0600
     assert networks.refreshed == 1
+    # after the last step the WebUI's progress says what runs, and the lock is given back before publishing
+    assert ("Training LoRA: checking the LoRA 8/8", True) in seen["phases"]
+    assert networks.locked_when_published is False
     assert snap["published"] and snap["lora_path"].endswith("w.safetensors")
 
 

@@ -77,7 +77,8 @@ def test_a_failing_check_is_a_warning_not_a_failed_run(tiny_sd1, tmp_path, monke
 
     monkeypatch.setattr(tiny_sd1, "generate", out_of_memory)
     network = network_with_ups(tiny_sd1, 0.3)
-    config = TrainConfig.from_dict({"train_data_dir": str(tmp_path), "base_model": "x", "resolution": 64})
+    config = TrainConfig.from_dict({"train_data_dir": str(tmp_path), "base_model": "x", "resolution": 64,
+                                    "min_bucket_reso": 32})
     with network.attached_to_model():
         result = check_trained_lora(network, tiny_sd1, config, tmp_path, caption="a cat")
     assert result.warnings == ["the strength sweep could not run (RuntimeError: CUDA out of memory. Tried to "
@@ -93,7 +94,8 @@ def test_every_finished_run_is_checked_cheaply(tiny_sd1_files, tmp_path):
     config = TrainConfig.from_dict({
         "base_model": str(tiny_sd1_files["folder"]), "train_data_dir": str(data), "output_dir": str(tmp_path / "out"),
         "output_name": "t", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32,
-        "lora_rank": 4, "batch_size": 2, "max_train_steps": 1, "sample_steps": 20, "seed": 3, "device": "cpu"})
+        "lora_rank": 4, "batch_size": 2, "max_train_steps": 1, "sample_steps": 20, "seed": 3, "device": "cpu",
+        "final_check": "full"})
     backbone = load_backbone_from_path(config.base_model)
     calls = []
     render = backbone.generate
@@ -116,3 +118,47 @@ def test_every_finished_run_is_checked_cheaply(tiny_sd1_files, tmp_path):
     assert preview[2] == 20 and [c[:4] for c in sweep] == [(1, 1234, 8, (64, 64))] * 6
     # wall time on a shared CPU varies a lot; the check costs about as much as 2.5 previews (< 2 s on the tiny model)
     assert sum(c[4] for c in sweep) < 20 * preview[4] + 1.0
+
+
+@pytest.mark.slow
+def test_the_end_of_a_run_is_bounded_visible_and_can_be_turned_off(tiny_sd1_files, tmp_path):
+    """quick (the default): 8 UNet passes after the last step, reported as a phase; off with no samples: none."""
+    from lora_trainer.backbones.single_file import load_backbone_from_path
+    from lora_trainer.events import EventBus, Phase, Progress
+
+    data = make_demo_dataset(tmp_path / "shapes", count=4)
+    values = {"base_model": str(tiny_sd1_files["folder"]), "train_data_dir": str(data), "resolution": 64,
+              "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "lora_rank": 4,
+              "batch_size": 2, "max_train_steps": 3, "sample_steps": 2, "seed": 3, "device": "cpu"}
+    for name, changes, passes_after in (("quick", {}, 8), ("off", {"final_check": "off",
+                                                                       "sample_at_end": False}, 0)):
+        config = TrainConfig.from_dict({**values, **changes, "output_dir": str(tmp_path / name)})
+        backbone = load_backbone_from_path(config.base_model)
+        predict, seen = backbone.predict, {"passes_after": 0, "last_step": False, "phases": []}
+
+        def counting(*args, predict=predict, seen=seen):
+            seen["passes_after"] += seen["last_step"]
+            return predict(*args)
+
+        def on_event(event, seen=seen):
+            if isinstance(event, Progress) and event.step == event.total_steps:
+                seen["last_step"] = True
+            if isinstance(event, Phase):
+                seen["phases"].append((event.name, event.done, event.total))
+
+        backbone.predict = counting
+        events = EventBus()
+        events.subscribe(on_event)
+        result = run_training(config, lambda c, backbone=backbone: backbone, events)
+        # quick: 8 check passes (this backbone renders its sample through its own diffusers pipeline)
+        assert seen["passes_after"] == passes_after, name
+        assert not (result.run_dir / SWEEP_FILE).exists()
+        if name == "quick":
+            assert ("checking the LoRA", 8, 8) in seen["phases"] and ("saving", 0, 1) in seen["phases"]
+            check = json.loads((result.run_dir / "lora_check.json").read_text())
+            assert set(check["fixed_batch_loss"]) == {"without_lora", "with_lora"}
+            assert result.loss_before == check["fixed_batch_loss"]["without_lora"]
+        else:
+            assert result.loss_before is None and not (result.run_dir / "lora_check.json").exists()
+            assert not (result.run_dir / f"{result.lora_path.stem}.preview.png").exists()
+        assert result.lora_path.is_file()

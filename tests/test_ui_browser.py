@@ -253,6 +253,7 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         tab.status_after("lora_trainer_extend", "extending uitest by 4 steps")
         done = tab.wait_value("lora_trainer_progress", "v.includes('finished')", 90_000)
         assert f"step {stop_step + 4}/{stop_step + 4}" in done
+        tab.wait_value("lora_trainer_status", "v.includes('finished')")  # Status tells the end state too
         assert (tmp_path / "runs" / "uitest" / "uitest.safetensors").is_file()
 
         tab.mark("extended")

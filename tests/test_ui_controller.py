@@ -47,6 +47,9 @@ class BlockingHost:
     def progress_finished(self):
         pass
 
+    def phase(self, text):
+        pass
+
     def sample_saved(self, paths):
         pass
 

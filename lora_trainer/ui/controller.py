@@ -243,12 +243,15 @@ class TabController:
             parts.append(f"loss {snap['avg_loss']:.4f}")
         if snap["it_per_s"]:
             parts.append(f"{snap['it_per_s']:.2f} it/s")
-        if state in ("running", "stopping"):
+        if snap.get("phase"):  # after the last step: what runs now, not "ETA 0:00"
+            parts.append(snap["phase"])
+        elif state in ("running", "stopping"):
             parts.append(f"ETA {_eta(snap['eta_s'])}")
         summary = f"{snap['name']}: " + " · ".join(parts)
         if snap["error"]:
             summary += f"\nError: {snap['error']}"
-        fingerprint = (snap["id"], state, step, len(snap["samples"]), snap["lora_path"], snap["error"])
+        fingerprint = (snap["id"], state, step, snap.get("phase"), len(snap["samples"]), snap["lora_path"],
+                       snap["error"])
         return ProgressView(state, summary, self._earlier_losses(job) + [(int(s), float(v)) for s, v in snap["losses"]],
                             list(snap["samples"]), "\n".join(snap["log"]), snap["error"], snap["run_dir"],
                             fingerprint)

@@ -295,14 +295,20 @@ class TrainTab:
         self.stop_save.click(guarded(1)(lambda: c.stop(save=True)), None, [self.status])
         self.extend.click(guarded(1)(c.extend), [self.extend_steps], [self.status])
 
-        outputs = [self.progress, self.chart, self.samples, self.log, self.seen]
+        outputs = [self.progress, self.chart, self.samples, self.log, self.seen, self.status]
         result_outputs = self.results.components()
 
         def refresh(seen):
             view = c.progress()
             seen = dict(seen or {})
             if view.fingerprint == seen.get("fingerprint"):
-                return (update(), update(), update(), update(), seen) + tuple(update() for _ in result_outputs)
+                return (update(),) * 4 + (seen, update()) + tuple(update() for _ in result_outputs)
+            # Status tells how a run ended (also after a page reload), not "started: ..." forever; the messages
+            # of the buttons (started, extending, captions saved) stay while a run is active.
+            status = update()
+            if view.state in ("finished", "stopped", "failed") and view.state != seen.get("state"):
+                status = view.summary
+            seen["state"] = view.state
             chart = _loss_frame(view.losses) if view.losses else None
             samples = update()
             if len(view.samples) != seen.get("samples"):
@@ -316,7 +322,7 @@ class TrainTab:
                 except UserError as exc:
                     result = (str(exc),) + tuple(update() for _ in result_outputs[1:])
             seen.update(fingerprint=view.fingerprint, samples=len(view.samples))
-            return (view.summary, chart, samples, view.log, seen) + result
+            return (view.summary, chart, samples, view.log, seen, status) + result
 
         self.refresh.click(refresh, [self.seen], outputs + result_outputs, queue=False, **compat.hidden_progress())
 
