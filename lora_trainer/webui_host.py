@@ -29,6 +29,27 @@ def forge_hooks(sd_models) -> dict:
     return {"forge_reload": getattr(sd_models, "forge_model_reload", None), "load_model_gpu": load_model_gpu}
 
 
+def describe_model(model_data, selected: Optional[str]) -> str:
+    """The Model box: "tiny-sd1.safetensors [2be795a74e] (SD1)", or "... (loads when training starts)".
+
+    ``model_data`` is ``sd_models.model_data``; ``selected`` the ``sd_model_checkpoint`` setting. Forge holds a
+    placeholder model (``forge_objects`` None) until its first generation, keeps the checkpoint to load in
+    ``forge_loading_parameters``, and sets ``sd_model_checkpoint`` only when its checkpoint list is built or changed
+    (never in API mode).
+    """
+    model = getattr(model_data, "sd_model", None)
+    loaded = model is not None and getattr(model, "forge_objects", True) is not None
+    info = getattr(model, "sd_checkpoint_info", None) if loaded else None
+    if info is None:
+        info = (getattr(model_data, "forge_loading_parameters", None) or {}).get("checkpoint_info")
+    name = (getattr(info, "title", None) or getattr(info, "name", None) if info is not None else None) or selected
+    name = name or "no checkpoint selected"
+    if not loaded:
+        return f"{name} (loads when training starts)"
+    family = "SDXL" if getattr(model, "is_sdxl", False) else "SD2" if getattr(model, "is_sd2", False) else "SD1"
+    return f"{name} ({family})"
+
+
 class WebUIHost:
     def __init__(self, shared, queue_lock, lora_dir: Path, devices=None, networks=None, render=None,
                  forge_reload=None, load_model_gpu=None):

@@ -63,12 +63,9 @@ def _lora_dir() -> Path:
 def _model_info() -> str:
     from modules import sd_models
 
-    model = getattr(sd_models.model_data, "sd_model", None)
-    name = shared.opts.data.get("sd_model_checkpoint") or "no checkpoint selected"
-    if model is None:
-        return f"{name} (loads when training starts)"
-    family = "SDXL" if getattr(model, "is_sdxl", False) else "SD2" if getattr(model, "is_sd2", False) else "SD1"
-    return f"{name} ({family})"
+    from lora_trainer.webui_host import describe_model
+
+    return describe_model(sd_models.model_data, shared.opts.data.get("sd_model_checkpoint"))
 
 
 def _host():

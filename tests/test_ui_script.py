@@ -201,3 +201,22 @@ def test_the_glue_stays_glue():
     assert set(re.findall(r"#([A-Za-z0-9_]+)", js)) <= {"lora_trainer_tab", "lora_trainer_refresh", "txt2img_prompt"}
     css = (ROOT / "style.css").read_text(encoding="utf-8")
     assert all(s.startswith("lora_trainer_") for s in re.findall(r"[#.]([A-Za-z_][A-Za-z0-9_-]*)\s*[{,\s]", css))
+
+
+def test_the_model_box_names_forges_checkpoint_before_and_after_it_loads():
+    """Forge (real, dfdcbab): a placeholder model until the first generation, the checkpoint in its loading
+    parameters, and no sd_model_checkpoint setting in API mode; the box said "no checkpoint selected (SD1)"."""
+    import types
+
+    from lora_trainer.webui_host import describe_model
+
+    info = types.SimpleNamespace(title="tiny-sd1.safetensors [2be795a74e]", name="tiny-sd1.safetensors")
+    placeholder = types.SimpleNamespace(forge_objects=None)
+    data = types.SimpleNamespace(sd_model=placeholder, forge_loading_parameters={"checkpoint_info": info})
+    assert describe_model(data, None) == "tiny-sd1.safetensors [2be795a74e] (loads when training starts)"
+    data.sd_model = types.SimpleNamespace(forge_objects=object(), sd_checkpoint_info=info, is_sdxl=False,
+                                          is_sd2=False)
+    assert describe_model(data, None) == "tiny-sd1.safetensors [2be795a74e] (SD1)"
+    a1111 = types.SimpleNamespace(sd_model=None)
+    assert describe_model(a1111, "v1-5.safetensors") == "v1-5.safetensors (loads when training starts)"
+    assert describe_model(a1111, None) == "no checkpoint selected (loads when training starts)"

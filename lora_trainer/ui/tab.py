@@ -94,7 +94,7 @@ class TrainTab:
         if self.context.webui:
             with gr.Row():
                 self.base_model = make(gr.Textbox, label="The WebUI's loaded checkpoint (trained in place)",
-                                       value=self.context.base_model_label, interactive=False,
+                                       value=self.context.model_info or "", interactive=False,  # at page load
                                        elem_id="lora_trainer_model_info", scale=5)
                 self.model_refresh = make(gr.Button, value="Refresh", elem_id="lora_trainer_model_refresh")
         else:
