@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := -c requirements/constraints.txt
 
-.PHONY: demo test lint pytest clean overlays
+.PHONY: demo test lint pytest clean overlays webui-test
 
 $(VENV)/.standalone: requirements/engine.txt requirements/standalone.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,15 @@ pytest: $(VENV)/.dev $(OVERLAYS) $(CHROMIUM)
 	$(VENV)/bin/pytest -q
 
 test: lint pytest
+
+# The real-WebUI suite (not in CI: the WebUIs' code is fetched, never committed). Build the installs once with
+# tests/real_webui/build_a1111.sh and build_forge.sh (they need the snapshots those scripts name), then:
+#   make webui-test A1111_DIR=/work/webuis/a1111 FORGE_DIR=/work/webuis/forge
+# It writes tests/real_webui/REPORT.md.
+A1111_DIR ?= /work/webuis/a1111
+FORGE_DIR ?= /work/webuis/forge
+webui-test: $(VENV)/.dev $(CHROMIUM)
+	OMP_NUM_THREADS=1 $(PY) tests/real_webui/suite.py --a1111 $(A1111_DIR) --forge $(FORGE_DIR)
 
 clean:
 	rm -rf $(VENV) demo_output output .venv-gradio3 .venv-gradio4 test-artifacts

@@ -1,0 +1,410 @@
+"""The real-WebUI suite: the extension in real AUTOMATIC1111 1.10.1 and Forge installs, through their own routes.
+
+    python tests/real_webui/suite.py --a1111 /work/webuis/a1111 --forge /work/webuis/forge
+    (or: make webui-test A1111_DIR=... FORGE_DIR=...)
+
+Build the installs first (build_a1111.sh, build_forge.sh; they need the fetched snapshots named there). For each
+WebUI the suite installs the working tree as a user would (a copy in extensions/, install.py run the way the WebUI
+runs it) beside a probe extension of its own (probe/), starts the WebUI in API mode and checks, with every training
+option at its default except the dataset, the step count and a small resolution: the start, training on the loaded
+model, the lock, txt2img before, during and after, the file in the WebUI's own LoRA loader, the model given back,
+refusals, stop, Extend. Then it starts the UI and drives the tab in Chromium (ui_checks.py). Each check and its
+figure go into a dated report (--report, default tests/real_webui/REPORT.md). Exit status 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+API = "/lora-trainer/v1"
+PROBE = "/lora-trainer-probe/v1"
+LAUNCH = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+          "--no-download-sd-model", "--server-name", "127.0.0.1"]
+FLAVOURS = {"a1111": ["--use-cpu", "all", "--no-half", "--no-half-vae", "--precision", "full"],
+            "forge": ["--always-cpu"]}
+PORTS = {"a1111": 7861, "forge": 7862}
+TXT2IMG = {"prompt": "a red circle", "negative_prompt": "", "seed": 7, "steps": 4, "width": 64, "height": 64,
+           "cfg_scale": 5, "sampler_name": "Euler", "batch_size": 1}
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list = []  # (webui, check, ok, figure)
+
+    def check(self, webui: str, name: str, ok: bool, figure: str = "") -> bool:
+        self.rows.append((webui, name, bool(ok), figure))
+        print(f"[{webui}] {'PASS' if ok else 'FAIL'} {name}: {figure}", flush=True)
+        return bool(ok)
+
+    def failed(self) -> list:
+        return [r for r in self.rows if not r[2]]
+
+
+# -- HTTP ------------------------------------------------------------------------------------------------------------
+def call(port: int, method: str, path: str, body=None, timeout: float = 600):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except ValueError:
+            return exc.code, {"error": text.decode(errors="replace")[:300]}
+
+
+def txt2img(port: int, prompt: str = TXT2IMG["prompt"]) -> bytes:
+    """The pixels of the generated image (the PNG's text chunks hold the prompt, which differs with a LoRA tag)."""
+    import io
+
+    from PIL import Image
+
+    status, body = call(port, "POST", "/sdapi/v1/txt2img", {**TXT2IMG, "prompt": prompt})
+    if status != 200:
+        raise RuntimeError(f"txt2img answered {status}: {str(body)[:300]}")
+    with Image.open(io.BytesIO(base64.b64decode(body["images"][0]))) as image:
+        return image.convert("RGB").tobytes()
+
+
+def wait_job(port: int, job_id: str, states=("finished", "stopped", "failed"), timeout: float = 1800) -> dict:
+    deadline, body = time.time() + timeout, {}
+    while time.time() < deadline:
+        _, body = call(port, "GET", f"{API}/jobs/{job_id}")
+        if body.get("state") in states:
+            return body
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not reach {states}: {body.get('state')}")
+
+
+# -- the install and the server --------------------------------------------------------------------------------------
+def install_extension(webui: Path) -> str:
+    """Copy the working tree into extensions/ (as a clone would hold it) with the probe, run install.py as the WebUI
+    does; return what install.py printed."""
+    target = webui / "extensions" / "lora_trainer"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(ROOT, target, ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "test-artifacts", ".pytest_cache", ".ruff_cache", "__pycache__", "demo_output"))
+    probe = webui / "extensions" / "lora_trainer_probe"
+    shutil.rmtree(probe, ignore_errors=True)
+    shutil.copytree(HERE / "probe", probe)
+    env = {**os.environ, **webui_env(webui), "PYTHONPATH": str(webui)}
+    python = str(webui / "venv" / "bin" / "python")
+    before = installed_packages(python)
+    done = subprocess.run([python, str(target / "install.py")], cwd=webui, env=env, capture_output=True, text=True,
+                          timeout=900)
+    after = installed_packages(python)
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    added = sorted(f"{k}=={v}" for k, v in after.items() if k not in before)
+    return (done.stdout + done.stderr).strip(), added, changed
+
+
+def installed_packages(python: str) -> dict:
+    listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
+                            capture_output=True, text=True, timeout=300).stdout
+    return dict(line.lower().split("==", 1) for line in listed.splitlines() if "==" in line)
+
+
+def webui_env(webui: Path) -> dict:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    if (webui / "hf_home").is_dir():
+        env["HF_HOME"] = str(webui / "hf_home")
+    return env
+
+
+class Server:
+    def __init__(self, webui: Path, flavour: str, api_only: bool):
+        self.webui, self.flavour, self.port = webui, flavour, PORTS[flavour]
+        self.log = webui / f"suite-{'api' if api_only else 'ui'}.log"
+        args = LAUNCH + FLAVOURS[flavour] + ["--port", str(self.port), "--api"] + (["--nowebui"] if api_only else [])
+        self.started = time.time()
+        self.process = subprocess.Popen([str(webui / "venv" / "bin" / "python"), "launch.py", *args], cwd=webui,
+                                        env={**os.environ, **webui_env(webui)}, stdout=open(self.log, "w"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300) -> float:
+        """Seconds until the WebUI logged 'Startup time' and its API answers (a request before that line kills A1111's
+        UI start); raises with the log's tail if it died or never came up."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the WebUI exited ({self.process.returncode}): {self.tail()}")
+            if "Startup time" in self.log.read_text(errors="replace"):
+                try:
+                    if call(self.port, "GET", "/sdapi/v1/sd-models", timeout=10)[0] == 200:
+                        return time.time() - self.started
+                except OSError:
+                    pass
+            time.sleep(1)
+        raise RuntimeError(f"the WebUI did not come up in {timeout:.0f} s: {self.tail()}")
+
+    def tail(self, lines: int = 12) -> str:
+        return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+# -- the checks ------------------------------------------------------------------------------------------------------
+def make_datasets(webui: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from lora_trainer.demo import make_demo_dataset
+
+    root = webui / "outputs" / "suite-data"
+    shutil.rmtree(root, ignore_errors=True)
+    shapes = make_demo_dataset(root / "shapes", count=6)
+    (root / "empty").mkdir(parents=True)
+    (root / "uncaptioned").mkdir()
+    shutil.copy(next(shapes.glob("*.png")), root / "uncaptioned" / "a.png")
+    return {"shapes": shapes, "empty": root / "empty", "uncaptioned": root / "uncaptioned"}
+
+
+def api_checks(report: Report, flavour: str, webui: Path) -> None:
+    r = lambda name, ok, figure="": report.check(flavour, name, ok, figure)  # noqa: E731
+    printed, added, changed = install_extension(webui)
+    r("install.py adds only what is missing (at most lycoris-lora, toml) and changes no installed package",
+      not changed and {a.split("==")[0] for a in added} <= {"lycoris-lora", "lycoris_lora", "toml"},
+      f"added {added or 'nothing'}, changed {changed or 'nothing'}; it said: "
+      f"{printed.splitlines()[-1] if printed else '(nothing)'}")
+    data = make_datasets(webui)
+    server = Server(webui, flavour, api_only=True)
+    try:
+        try:
+            seconds = server.wait_ready()
+            r("starts in API mode with the extension", True, f"API up after {seconds:.0f} s")
+        except RuntimeError as exc:
+            r("starts in API mode with the extension", False, str(exc)[:600])
+            return
+        port = server.port
+        before_image = txt2img(port)  # also makes Forge load its model
+        _, before = call(port, "GET", f"{PROBE}/model")
+        r("the Model box names the loaded checkpoint", "tiny-sd1" in before["model_box"] and
+          "no checkpoint" not in before["model_box"], before["model_box"])
+        train = {"train_data_dir": str(data["shapes"]), "resolution": 64, "min_bucket_reso": 64,
+                 "max_train_steps": 8}
+        refusals = {
+            "an empty folder": ({**train, "train_data_dir": str(data["empty"])}, 422),
+            "images without captions": ({**train, "train_data_dir": str(data["uncaptioned"])}, 422),
+            "resolution 64 with the default min_bucket_reso": ({**train, "min_bucket_reso": 256}, 422),
+            "an output name with ..": ({**train, "output_name": "../evil"}, 422),
+            "a folder outside the allowed ones": ({**train, "train_data_dir": "/etc"}, 403),
+            "a wrong type": ({**train, "max_train_steps": "many"}, 422),
+        }
+        runs = webui / "outputs" / "lora_trainer"
+        runs_before = sorted(p.name for p in runs.glob("*")) if runs.is_dir() else []
+        for what, (body, expected) in refusals.items():
+            status, answer = call(port, "POST", f"{API}/jobs", body)
+            r(f"refuses {what} ({expected})", status == expected and len(str(answer.get("error", "")).splitlines())
+              == 1, f"{status}: {answer.get('error')}")
+        runs_after = sorted(p.name for p in runs.glob("*")) if runs.is_dir() else []
+        r("refused requests leave no run folder", runs_after == runs_before,
+          f"{len(runs_after) - len(runs_before)} new run folders")
+
+        name = f"suite-{flavour}-{int(time.time())}"
+        status, job = call(port, "POST", f"{API}/jobs", {**train, "output_name": name})
+        if not r("starts a run on the loaded model with the defaults (201)", status == 201, f"{status} {job}"[:300]):
+            return
+        busy_status, busy = call(port, "POST", f"{API}/jobs", {**train, "output_name": name + "-b"})
+        r("a second run while one trains gets 409", busy_status == 409, f"{busy_status}: {busy.get('error')}")
+        during = {}
+
+        def generate_during() -> None:
+            during["image"] = txt2img(port)
+            during["at"] = time.time()
+
+        thread = threading.Thread(target=generate_during)
+        time.sleep(1.0)
+        thread.start()
+        last_step_at = [None]
+        while True:
+            _, body = call(port, "GET", f"{API}/jobs/{job['id']}")
+            if body["step"] == body["total_steps"] and body["total_steps"] and last_step_at[0] is None:
+                last_step_at[0] = time.time()
+            if body["state"] in ("finished", "stopped", "failed"):
+                done, finished_at = body, time.time()
+                break
+            time.sleep(0.25)
+        thread.join(600)
+        r("training with every other option at its default finishes", done["state"] == "finished",
+          f"{done['state']} at step {done['step']}/{done['total_steps']}; {done.get('error') or ''}")
+        if done["state"] != "finished":
+            return
+        elapsed = done["log"]
+        train_s = finished_at - (last_step_at[0] or finished_at)
+        r("txt2img sent during training waits for it, then matches the image before training",
+          during.get("image") == before_image and during.get("at", 0) >= (last_step_at[0] or 0),
+          f"returned {during.get('at', 0) - (last_step_at[0] or 0):+.1f} s after the last step; identical: "
+          f"{during.get('image') == before_image}")
+        r("after the last step: bounded and shown as a phase", train_s < 60, f"{train_s:.1f} s from the last step "
+          f"to finished (the loss and the check: {[line for line in elapsed if 'fixed-batch' in line][-1:]})")
+        _, after = call(port, "GET", f"{PROBE}/model")
+        r("model weights bit-identical after training", (after["unet_hash"], after["text_hash"]) ==
+          (before["unet_hash"], before["text_hash"]), f"UNet {after['unet_hash']}, text {after['text_hash']}")
+        r("requires_grad flags as before", (after["unet_requires_grad"], after["text_requires_grad"]) ==
+          (before["unet_requires_grad"], before["text_requires_grad"]),
+          f"{before['unet_requires_grad']}/{before['text_requires_grad']} -> "
+          f"{after['unet_requires_grad']}/{after['text_requires_grad']}")
+        lora_dir = webui / "models" / "Lora"
+        published = sorted(lora_dir.glob(f"{name}*"))
+        modes = {oct(p.stat().st_mode & 0o777) for p in published}
+        r("published to models/Lora with the usual file mode", len(published) >= 2 and modes == {"0o644"},
+          f"{[p.name for p in published]} {modes}")
+        lora_file = lora_dir / f"{name}.safetensors"
+        with_lora = txt2img(port, f"{TXT2IMG['prompt']} <lora:{name}:1>")
+        if flavour == "a1111":
+            _, loaded = call(port, "GET", f"{PROBE}/lora")
+            matched = loaded["loaded"][0]["matched"] if loaded["loaded"] else 0
+        else:
+            _, loaded = call(port, "GET", f"{PROBE}/lora?file={lora_file}")
+            matched = loaded["matched"]
+        in_file = len({k.split(".", 1)[0] for k in _safetensors_keys(lora_file)})
+        r("every LoRA module is matched by the WebUI's own loader", matched == in_file and matched > 0,
+          f"{matched}/{in_file}")
+        r("the LoRA at weight 1 changes the image", with_lora != before_image,
+          f"{sum(a != b for a, b in zip(with_lora, before_image))} of {len(before_image)} pixel values differ")
+        zero = txt2img(port, f"{TXT2IMG['prompt']} <lora:{name}:0>")
+        r("weight 0 is identical to no LoRA", zero == before_image,
+          f"{sum(a != b for a, b in zip(zero, before_image))} pixel values differ")
+        txt2img(port)
+        _, clean = call(port, "GET", f"{PROBE}/model")
+        r("model weights as before once a generation without the LoRA ran", (clean["unet_hash"],
+          clean["text_hash"]) == (before["unet_hash"], before["text_hash"]), clean["unet_hash"])
+
+        # Stop and save, then Extend; a failed Extend changes no file.
+        status, long_job = call(port, "POST", f"{API}/jobs", {**train, "output_name": name + "-long",
+                                                              "max_train_steps": 300})
+        wait_until_step(port, long_job["id"], 2)
+        call(port, "POST", f"{API}/jobs/{long_job['id']}/stop", {"save": True})
+        stopped = wait_job(port, long_job["id"])
+        r("stop-and-save keeps the LoRA trained so far", stopped["state"] == "stopped" and stopped["lora_path"],
+          f"stopped at step {stopped['step']}: {Path(stopped['lora_path'] or '-').name}")
+        status, extended = call(port, "POST", f"{API}/jobs/{long_job['id']}/extend", {"steps": 2})
+        extended_done = wait_job(port, extended["id"]) if status == 201 else {"state": f"HTTP {status}"}
+        r("Extend continues the stopped run", extended_done.get("state") == "finished" and
+          extended_done.get("step") == stopped["step"] + 2,
+          f"{extended_done.get('state')} at step {extended_done.get('step')}; {extended_done.get('error') or ''}")
+        run_dir = Path(stopped["run_dir"])
+        states = sorted(run_dir.glob("checkpoints/*/training_state.pt"))
+        states[-1].write_bytes(b"damaged")
+        kept = {p.name: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.csv")}
+        status, broken = call(port, "POST", f"{API}/jobs/{extended['id']}/extend", {"steps": 5})
+        broken_done = wait_job(port, broken["id"]) if status == 201 else {"state": f"HTTP {status}", **broken}
+        r("a failed Extend leaves config.yaml and metrics.csv as they were",
+          kept == {p.name: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.csv")},
+          f"{broken_done.get('state')}: {broken_done.get('error')}")
+    finally:
+        server.stop()
+
+
+def wait_until_step(port: int, job_id: str, step: int, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        _, body = call(port, "GET", f"{API}/jobs/{job_id}")
+        if body["step"] >= step or body["state"] in ("finished", "stopped", "failed"):
+            return
+        time.sleep(0.25)
+
+
+def _safetensors_keys(path: Path) -> list:
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    return [k for k in header if k != "__metadata__"]
+
+
+def ui_checks(report: Report, flavour: str, webui: Path) -> None:
+    from ui_checks import run_tab_checks
+
+    server = Server(webui, flavour, api_only=False)
+    try:
+        try:
+            seconds = server.wait_ready()
+            report.check(flavour, "starts with the UI and the extension", True, f"up after {seconds:.0f} s")
+        except RuntimeError as exc:
+            report.check(flavour, "starts with the UI and the extension", False, str(exc)[:600])
+            return
+        run_tab_checks(report, flavour, webui, server.port)
+    finally:
+        server.stop()
+
+
+# -- the report ------------------------------------------------------------------------------------------------------
+def webui_commit(webui: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(webui), "rev-parse", "--short=8", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def write_report(report: Report, path: Path, installs: dict, started: float) -> None:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=8", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    lines = [f"# Real-WebUI suite report, {datetime.date.today().isoformat()}", "",
+             f"Extension at `{commit}`{' (with uncommitted changes)' if dirty else ''}; "
+             f"{platform.node() and 'machine'}: {os.cpu_count()} CPU cores, Python "
+             f"{platform.python_version()} (suite), {time.time() - started:.0f} s in all. "
+             f"{len(report.rows) - len(report.failed())} of {len(report.rows)} checks passed.", ""]
+    for flavour, webui in installs.items():
+        label = "AUTOMATIC1111 1.10.1" if flavour == "a1111" else "Forge 2.0.1v1.10.1"
+        lines += [f"## {label} (`{webui_commit(webui)}`, {webui})", "", "| check | result | figure |", "|---|---|---|"]
+        for who, name, ok, figure in report.rows:
+            if who == flavour:
+                figure = str(figure).replace("|", "/").replace("\n", " ")
+                lines.append(f"| {name} | {'pass' if ok else '**FAIL**'} | {figure} |")
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--a1111", type=Path, help="a real AUTOMATIC1111 1.10.1 install (build_a1111.sh)")
+    parser.add_argument("--forge", type=Path, help="a real Forge install (build_forge.sh)")
+    parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
+    parser.add_argument("--skip-ui", action="store_true", help="API checks only")
+    options = parser.parse_args(argv)
+    installs = {k: v for k, v in (("a1111", options.a1111), ("forge", options.forge)) if v}
+    if not installs:
+        parser.error("give --a1111 DIR and/or --forge DIR (build them with build_a1111.sh / build_forge.sh)")
+    for flavour, webui in installs.items():
+        if not (webui / "launch.py").is_file() or not (webui / "venv" / "bin" / "python").is_file():
+            parser.error(f"{webui}: not a built {flavour} install (no launch.py or venv); run build_{flavour}.sh")
+    sys.path.insert(0, str(HERE))
+    report, started = Report(), time.time()
+    for flavour, webui in installs.items():
+        api_checks(report, flavour, webui)
+        if not options.skip_ui:
+            ui_checks(report, flavour, webui)
+    write_report(report, options.report, installs, started)
+    print(f"report: {options.report}; {len(report.failed())} failed of {len(report.rows)}")
+    return 1 if report.failed() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
