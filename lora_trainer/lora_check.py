@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -39,7 +40,7 @@ class LoraCheck:
     mean_change: Optional[float] = None  # mean |image(preferred) - image(0)|, pixels in 0..1
     changes: Dict[str, float] = field(default_factory=dict)  # weight -> mean change against weight 0
     sweep_path: Optional[Path] = None
-    fixed_batch_loss: Dict[str, float] = field(default_factory=dict)  # without_lora / with_lora
+    fixed_batch_loss: Dict[str, Optional[float]] = field(default_factory=dict)  # without_lora / with_lora
 
     def to_dict(self) -> Dict[str, object]:
         data = asdict(self)
@@ -136,8 +137,9 @@ def check_weights(network, preferred_weight: float, run_dir: Path,
                   fixed_batch_loss: Optional[Dict[str, float]] = None) -> LoraCheck:
     """The quick check (``final_check: quick``): the weights themselves, and the fixed-batch losses the loop
     measured, written to ``lora_check.json``; no image is rendered."""
+    losses = {k: (v if math.isfinite(v) else None) for k, v in (fixed_batch_loss or {}).items()}  # JSON has no NaN
     result = LoraCheck(warnings=weight_problems(network.kohya_state_dict()), preferred_weight=preferred_weight,
-                       fixed_batch_loss=dict(fixed_batch_loss or {}))
+                       fixed_batch_loss=losses)
     write_text_atomic(Path(run_dir) / REPORT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
     for warning in result.warnings:
         logger.warning("LoRA check: %s", warning)

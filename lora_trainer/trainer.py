@@ -112,6 +112,11 @@ class _TextConditioning:
             for j, (key, _) in enumerate(part):
                 self.store[key] = _select(encoded, j)
 
+    def cached(self, caption: str, size: Tuple[int, int]):
+        """A one-item batch of a caption's stored conditioning, or None when it is not stored."""
+        item = self.store.get(self._key(caption, size)) if self.cache else None
+        return None if item is None else _stack([item])
+
     def batch(self, captions: Sequence[str], sizes: Sequence[Tuple[int, int]]):
         if not self.cache:
             with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
@@ -351,6 +356,10 @@ class _Loop(LoopBase):
         before = self._fixed_batch_loss(0.0, items, timesteps, one_pass)
         after = self._fixed_batch_loss(1.0, items, timesteps, one_pass)
         self.fixed_batch_losses = {"without_lora": before, "with_lora": after}
+        if not (math.isfinite(before) and math.isfinite(after)):
+            logger.warning("the does-it-work check's loss is not finite (without the LoRA %s, with it %s): the model's "
+                           "output on the check's images is NaN or infinite; the LoRA file is saved all the same",
+                           before, after)
         logger.info("fixed-batch loss without the LoRA %.5f, with it %.5f (%d UNet passes, %.1f s)", before, after,
                     total, time.perf_counter() - started)
         return before, after
@@ -370,8 +379,10 @@ class _Loop(LoopBase):
                 else:
                     latent = self.backbone.encode_images(
                         load_pixels(self.data, [i], [False]).to(self.backbone.device, self.backbone.dtype)).float()
-                caption = caption_for(plain, records[i].caption, rng)
-                cond = self.backbone.encode_prompts([caption], [self.data.train_size(i)])
+                caption, size = caption_for(plain, records[i].caption, rng), self.data.train_size(i)
+                cond = self.text.cached(caption, size)  # what training saw; encoded again only if not stored
+                if cond is None:
+                    cond = self.backbone.encode_prompts([caption], [size])
                 for t in timesteps:
                     noise = sample_noise(latent, generator)
                     t_batch = torch.tensor([t], dtype=torch.long)

@@ -85,7 +85,7 @@ def test_file_trained_in_the_webui_reproduces_in_diffusers(sd_model, tiny_sd1_fi
     from diffusers import StableDiffusionPipeline
 
     backbone = A1111Backbone(sd_model)
-    result = run_training(make_config(dataset, tmp_path, network="locon"), lambda c: backbone)
+    result = run_training(make_config(dataset, tmp_path, network="locon", final_check="full"), lambda c: backbone)
     assert result.loss_after < result.loss_before
     tensors, meta = read_lora_file(result.lora_path)
     assert meta["ss_sd_model_name"] == "tiny" and meta["ss_sd_model_hash"] == "0123456789"
@@ -148,7 +148,8 @@ def test_medvram_moves_during_training_do_no_harm(sd_model, dataset, tmp_path):
     pristine = snapshot(sd_model)
     backbone = A1111Backbone(sd_model)
     with medvram_hooks(sd_model) as moves:
-        result = run_training(make_config(dataset, tmp_path, max_train_steps=8), lambda c: backbone)
+        result = run_training(make_config(dataset, tmp_path, max_train_steps=8, final_check="full"),
+                              lambda c: backbone)
     assert moves["moves"] > 10
     assert result.loss_after < result.loss_before
     assert_restored(pristine, sd_model)

@@ -62,7 +62,7 @@ def test_training_on_forge_model_undoes_its_loras_and_reproduces_in_diffusers(fo
 
     backbone = ForgeBackbone(forge_model)
     result = run_training(config(tmp_path), lambda c: backbone)  # every option at its default
-    assert result.loss_after < result.loss_before
+    assert 0 < result.loss_before < 10 and 0 < result.loss_after < 10  # the quick check: 8 passes, finite
     assert forge_model.current_lora_hash == "[]"
     after = values_of(unet)
     assert all(torch.equal(pristine[k], after[k]) for k in pristine), "Forge's weights changed"
@@ -86,9 +86,9 @@ def test_training_on_forge_model_undoes_its_loras_and_reproduces_in_diffusers(fo
 def test_forge_trains_with_gradient_checkpointing_too(forge_model, tmp_path):
     unet = forge_model.forge_objects.unet.model.diffusion_model
     pristine = values_of(unet)
-    result = run_training(config(tmp_path, gradient_checkpointing=True, max_train_steps=3),
+    result = run_training(config(tmp_path, gradient_checkpointing=True, final_check="full"),
                           lambda c: ForgeBackbone(forge_model))
-    assert result.steps == 3 and result.lora_path.is_file()
+    assert result.loss_after < result.loss_before  # full: the 4x4 fixed batch
     assert all(torch.equal(pristine[k], v) for k, v in values_of(unet).items())
 
 

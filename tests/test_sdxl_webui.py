@@ -37,7 +37,8 @@ def test_sdxl_trains_with_original_names_and_bucket_sizes(tiny_sd1_files, tmp_pa
     config = TrainConfig.from_dict({
         "base_model": "(webui)", "train_data_dir": str(dataset), "output_dir": str(tmp_path), "output_name": "xl",
         "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "lora_rank": 4,
-        "learning_rate": 2e-2, "batch_size": 2, "max_train_steps": 30, "sample_steps": 2})
+        "learning_rate": 2e-2, "batch_size": 2, "max_train_steps": 30, "sample_steps": 2,
+        "final_check": "full"})
     result = run_training(config, lambda c: backbone)
     assert result.loss_after < result.loss_before
     buckets = {(w, h) for w, h in model.conditioner.sizes_seen}

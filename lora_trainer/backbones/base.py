@@ -95,7 +95,7 @@ class Backbone(Protocol):
 @dataclass
 class _ModuleState:
     training: List[bool]  # every submodule, in modules() order
-    requires_grad: List[bool]
+    requires_grad: Dict[str, bool]  # by parameter name, tied names included
     devices: List[torch.device]
     dtypes: List[torch.dtype]
 
@@ -117,7 +117,7 @@ class FrozenModels:
             params = list(module.parameters())
             self.saved.append(_ModuleState(
                 training=[m.training for m in module.modules()],
-                requires_grad=[p.requires_grad for p in params],
+                requires_grad={n: p.requires_grad for n, p in module.named_parameters(remove_duplicate=False)},
                 devices=[p.device for p in params],
                 dtypes=[p.dtype for p in params],
             ))
@@ -128,8 +128,13 @@ class FrozenModels:
         for module, state in zip(self.modules, self.saved):
             for sub, flag in zip(module.modules(), state.training):
                 sub.training = flag
-            for p, flag in zip(module.parameters(), state.requires_grad):
-                p.requires_grad_(flag)
+            # By name: a WebUI may have swapped Parameter objects meanwhile (Forge's memory manager and LoRA
+            # loader put its own back, as inference tensors, whose flag can only be set in inference mode).
+            for name, p in module.named_parameters(remove_duplicate=False):
+                flag = state.requires_grad.get(name)
+                if flag is not None and p.requires_grad != flag:
+                    with torch.inference_mode(p.is_inference()):
+                        p.requires_grad_(flag)
 
     def changed_placement(self) -> List[str]:
         """Descriptions of parameters whose device or dtype differ from when we entered (should be none)."""

@@ -70,11 +70,14 @@ def make_params_trainable_inputs(root: nn.Module) -> int:
     """Replace inference-mode parameters and buffers by ordinary tensors with the same values (and the same
     ``requires_grad``: Forge's Parameters keep torch's default True, and a run gives back the flags it found)."""
     replaced = 0
+    copies: Dict[int, nn.Parameter] = {}  # one copy per Parameter, so tied weights stay tied
     for module in root.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and param.is_inference():
-                module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
-                replaced += 1
+                if id(param) not in copies:
+                    copies[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                    replaced += 1
+                module._parameters[name] = copies[id(param)]
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.is_inference():
                 module._buffers[name] = buffer.clone()

@@ -10,6 +10,9 @@ the tiny test checkpoint:
 - every parameter is an inference tensor (Forge loads under ``torch.inference_mode``) with
   ``requires_grad=True``, and so are the results of ``get_learned_conditioning`` and ``encode_first_stage``;
 - the transformer blocks add to the residual in place (``x += n``), as Forge's ``BasicTransformerBlock`` does;
+- the text encoder's embeddings are stored in another dtype and cast to fp32 by every ``get_learned_conditioning``,
+  which replaces their Parameters with new inference tensors the first time (Forge's classic text engine on the
+  CPU, where the text encoder is fp16);
 - ``patch_lora`` replaces Parameter objects by merged ones and keeps the originals, as ``LoraLoader.refresh``
   does; ``refresh_loras()`` with no patches puts the originals back.
 SD2 (``sd20.StableDiffusion2``) too, from a checkpoint whose yaml names open_clip: the text encoder is ``clip_h``
@@ -121,6 +124,11 @@ class ForgeModel:
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
         encoder = self.forge_objects.clip.cond_stage_model["clip_h" if self.is_sd2 else "clip_l"]
+        # classic_engine.encode_with_transformers: the embeddings cast to float32 at every encode; the first cast of
+        # the fp16 CPU text encoder makes new Parameter objects, inference tensors (the real Forge, UI mode).
+        embeddings = _embeddings(encoder.transformer)
+        embeddings.position_embedding = embeddings.position_embedding.to(dtype=torch.float32)
+        embeddings.token_embedding = embeddings.token_embedding.to(dtype=torch.float32)
         return encoder.transformer(ids).last_hidden_state
 
     @torch.inference_mode()
@@ -130,6 +138,11 @@ class ForgeModel:
     @torch.inference_mode()
     def decode_first_stage(self, z):
         return self.vae.decode(z / 0.18215).sample
+
+
+def _embeddings(clip_text_model):
+    """``text_model.embeddings`` (transformers 4, as in Forge) or ``embeddings`` (transformers 5)."""
+    return getattr(clip_text_model, "text_model", clip_text_model).embeddings
 
 
 def load_forge_model(tiny_files: dict):
@@ -152,6 +165,12 @@ def load_forge_model(tiny_files: dict):
     folder = Path(tiny_files["folder"])
     text = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
     _to_inference(text)
+    # Forge keeps the text encoder in fp16 on the CPU, and its embeddings become fp32 when first used. Stored here in
+    # float64, so that first cast makes new Parameters just the same, without fp16's rounding (the tests compare the
+    # text encoder with diffusers').
+    with torch.inference_mode():
+        for name in ("token_embedding", "position_embedding"):
+            setattr(_embeddings(text), name, getattr(_embeddings(text), name).to(torch.float64))
     is_sd2 = config.model.params.cond_stage_config.target.endswith("FrozenOpenCLIPEmbedder")
     integrated = nn.Module()
     integrated.transformer = text

@@ -41,6 +41,10 @@ def on_app_started(_demo, app):
                 "unet_requires_grad": sum(p.requires_grad for p in unet.parameters()),
                 "text_requires_grad": sum(p.requires_grad for p in text.parameters()),
                 "unet_tensors": sum(1 for _ in unet.parameters()),
+                "inference_tensors": [n for n, p in [*unet.named_parameters(), *text.named_parameters()]
+                                      if p.is_inference()][:5],
+                "frozen": [n for n, p in [*unet.named_parameters(), *text.named_parameters()]
+                           if not p.requires_grad][:5],
                 "model_box": describe_model(sd_models.model_data, shared.opts.data.get("sd_model_checkpoint")),
                 "checkpoint": str(getattr(getattr(model, "sd_checkpoint_info", None), "title", ""))}
 
