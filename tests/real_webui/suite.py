@@ -108,6 +108,9 @@ def install_extension(webui: Path) -> str:
     shutil.copytree(HERE / "probe", probe)
     env = {**os.environ, **webui_env(webui), "PYTHONPATH": str(webui)}
     python = str(webui / "venv" / "bin" / "python")
+    # As on a user's first install: what install.py adds is not there yet.
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", "lycoris-lora", "toml"], capture_output=True,
+                   timeout=300)
     before = installed_packages(python)
     done = subprocess.run([python, str(target / "install.py")], cwd=webui, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -239,11 +242,17 @@ def api_checks(report: Report, flavour: str, webui: Path) -> None:
         thread = threading.Thread(target=generate_during)
         time.sleep(1.0)
         thread.start()
-        last_step_at = [None]
+        last_step_at, phases, textinfo = [None], [], []
         while True:
             _, body = call(port, "GET", f"{API}/jobs/{job['id']}")
             if body["step"] == body["total_steps"] and body["total_steps"] and last_step_at[0] is None:
                 last_step_at[0] = time.time()
+            if body.get("phase") and body["phase"] not in phases:
+                phases.append(body["phase"])
+            if last_step_at[0] is not None:  # the WebUI's own progress bar (shared.state) after the last step
+                info = call(port, "GET", "/sdapi/v1/progress?skip_current_image=true")[1].get("textinfo") or ""
+                if info.startswith("Training LoRA:") and info not in textinfo:
+                    textinfo.append(info)
             if body["state"] in ("finished", "stopped", "failed"):
                 done, finished_at = body, time.time()
                 break
@@ -259,8 +268,9 @@ def api_checks(report: Report, flavour: str, webui: Path) -> None:
           during.get("image") == before_image and during.get("at", 0) >= (last_step_at[0] or 0),
           f"returned {during.get('at', 0) - (last_step_at[0] or 0):+.1f} s after the last step; identical: "
           f"{during.get('image') == before_image}")
-        r("after the last step: bounded and shown as a phase", train_s < 60, f"{train_s:.1f} s from the last step "
-          f"to finished (the loss and the check: {[line for line in elapsed if 'fixed-batch' in line][-1:]})")
+        r("after the last step: bounded, and its phases shown in the job and the WebUI's progress",
+          train_s < 60 and phases and textinfo, f"{train_s:.1f} s from the last step to finished; phases seen "
+          f"{phases}; WebUI progress {textinfo}; {[line[9:] for line in elapsed if 'fixed-batch' in line][-1:]}")
         _, after = call(port, "GET", f"{PROBE}/model")
         r("model weights bit-identical after training", (after["unet_hash"], after["text_hash"]) ==
           (before["unet_hash"], before["text_hash"]), f"UNet {after['unet_hash']}, text {after['text_hash']}")
