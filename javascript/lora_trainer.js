@@ -35,6 +35,27 @@
         window.loraTrainerPollTimer = setInterval(poll, POLL_MS);
     }
 
+    // Keep the right column (Status, the buttons, progress, the result) in view while the settings scroll: CSS
+    // position:sticky cannot, as gradio's container clips overflow. Nothing moves when the columns are stacked
+    // (a narrow window) or the tab is hidden.
+    function followScroll() {
+        var row = find("#lora_trainer_tab");
+        var column = find("#lora_trainer_output");
+        if (!row || !column || row.offsetParent === null) {
+            return;
+        }
+        var stacked = column.getBoundingClientRect().left < row.getBoundingClientRect().left + 40;
+        var room = row.getBoundingClientRect().height - column.offsetHeight;
+        var shift = stacked ? 0 : Math.max(0, Math.min(8 - row.getBoundingClientRect().top, room));
+        column.style.transform = shift > 0 ? "translateY(" + shift + "px)" : "";
+    }
+
+    if (!window.loraTrainerFollowScroll) {
+        window.loraTrainerFollowScroll = followScroll;
+        window.addEventListener("scroll", followScroll, {passive: true});
+        window.addEventListener("resize", followScroll, {passive: true});
+    }
+
     function escapeRegExp(text) {
         return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
     }

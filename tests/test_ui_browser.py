@@ -142,6 +142,7 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
     command = ui_command(port, tmp_path / "runs") + ["--max-file-mb", "0.05"]
     with running_server(command, env, log, port) as url:
         page = chromium.new_page()
+        page.set_viewport_size({"width": 1280, "height": 800})
         tab = TabPage(page, f"standalone-{version}")
         (ROOT / "test-artifacts" / f"standalone-{version}-timings.txt").unlink(missing_ok=True)
         tab.mark("server up")
@@ -203,6 +204,7 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         assert "captioned 7 image(s)" in tab.status_after("lora_trainer_caption_run", "captioned", timeout=90_000)
         assert all(c.startswith("ltdemo") for c in captions_on_disk(data).values())
         tab.mark("auto-captioned")
+        tab.open("lora_trainer_edit_section")  # folded away: the common path needs no caption editing
         page.locator("#lora_trainer_dataset_gallery .thumbnail-item").nth(1).click()
         tab.wait_value("lora_trainer_caption_image", "v === 'shape_01.png'")
         tab.wait_value("lora_trainer_caption_text", f"v === {json.dumps(captions_on_disk(data)['shape_01.png'])}")
@@ -225,6 +227,12 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         tab.status_after("lora_trainer_yaml_save", "config saved as uitest.yaml")
         job_id = tab.status_after("lora_trainer_start", "started: uitest").split("(run ")[1].rstrip(")")
         tab.mark("started")
+        # At 1280x800, scrolled down to the YAML buttons at the foot of the settings, Start, the progress and the
+        # result are in view beside them (the right column stays on screen).
+        page.locator("#lora_trainer_yaml_load").scroll_into_view_if_needed()
+        assert tab.off_screen("lora_trainer_yaml_load", "lora_trainer_start", "lora_trainer_progress",
+                              "lora_trainer_result") == []
+        tab.shot("started")
         assert "Estimate" in tab.value("lora_trainer_estimate")
         assert "already in progress" in tab.status_after("lora_trainer_start", "Error:")
 
@@ -290,6 +298,7 @@ def test_standalone_tab_end_to_end(version, assets, chromium, tmp_path):
         tab.status_after("lora_trainer_dataset_create", "created dataset scratch")
         tab.choose("lora_trainer_dataset_choice", "shapes — 7 images")
         tab.wait_value("lora_trainer_dataset_dir", f"v === {json.dumps(str(data))}")
+        tab.open("lora_trainer_dataset_manage")
         tab.fill("lora_trainer_dataset_rename_to", "shapes v2")
         tab.status_after("lora_trainer_dataset_rename", "renamed dataset shapes to shapes v2")
         assert tab.value("lora_trainer_dataset_dir") == str(data.parent / "shapes v2")

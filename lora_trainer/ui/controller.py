@@ -57,6 +57,7 @@ class ProgressView:
     error: Optional[str] = None
     run_dir: Optional[str] = None
     fingerprint: tuple = ()  # changes whenever anything shown changes
+    status: str = ""  # the Status line for this state: "running · started: x (run 1a2b)", or how the run ended
 
 
 @dataclass
@@ -88,6 +89,7 @@ class TabController:
         self._busy = threading.Lock()  # captioning and the Try panel: one at a time
         self.datasets = DatasetManager(context)  # the named datasets in context.datasets_dir
         self.downloads = Downloads(context.output_dir)
+        self.action = ""  # what the last Start or Extend said, kept in the Status line while the run is active
 
     # -- dataset ---------------------------------------------------------------------------------
     def load_dataset(self, folder: str) -> DatasetView:
@@ -210,7 +212,8 @@ class TabController:
                                f"{snap['total_steps']}); stop it or wait for it to finish")
         self.release_models()
         job = jobs.start_job(config, self.context.host_factory())
-        return f"started: {config.output_name or Path(config.train_data_dir).name} (run {job.id})"
+        self.action = f"started: {config.output_name or Path(config.train_data_dir).name} (run {job.id})"
+        return self.action
 
     def stop(self, save: bool) -> str:
         job = jobs.current_job()
@@ -230,7 +233,8 @@ class TabController:
             raise UserError(f"extend by a whole number of steps, got {steps!r}") from None
         self.release_models()
         new = job.extend(steps)
-        return f"extending {new.snapshot()['name']} by {steps} steps (to step {job.step + steps})"
+        self.action = f"extending {new.snapshot()['name']} by {steps} steps (to step {job.step + steps})"
+        return self.action
 
     def progress(self) -> ProgressView:
         job = jobs.current_job()
@@ -252,9 +256,10 @@ class TabController:
             summary += f"\nError: {snap['error']}"
         fingerprint = (snap["id"], state, step, snap.get("phase"), len(snap["samples"]), snap["lora_path"],
                        snap["error"])
+        status = summary if state in ("finished", "stopped", "failed") else f"{state} · {self.action or snap['name']}"
         return ProgressView(state, summary, self._earlier_losses(job) + [(int(s), float(v)) for s, v in snap["losses"]],
                             list(snap["samples"]), "\n".join(snap["log"]), snap["error"], snap["run_dir"],
-                            fingerprint)
+                            fingerprint, status)
 
     def _earlier_losses(self, job) -> List[Tuple[int, float]]:
         """An extended run's losses before this job (from metrics.csv), so its chart starts at step 1."""

@@ -36,12 +36,20 @@ class DatasetPanel:
                 self.report = make(gr.Textbox, label="Upload report", interactive=False, lines=4, max_lines=12,
                                    elem_id="lora_trainer_upload_report")
                 self.cancel = make(gr.Button, value="Cancel upload", size="sm", elem_id="lora_trainer_upload_cancel")
-        with gr.Row():
-            self.rename_to = make(gr.Textbox, label="Rename the dataset to", elem_id="lora_trainer_dataset_rename_to")
-            self.rename = make(gr.Button, value="Rename", elem_id="lora_trainer_dataset_rename")
-            self.confirm = make(gr.Textbox, label="Type the dataset's name to delete it",
-                                elem_id="lora_trainer_dataset_delete_confirm")
-            self.delete = make(gr.Button, value="Delete dataset", variant="stop", elem_id="lora_trainer_dataset_delete")
+
+    def render_management(self) -> None:
+        """Rename and delete, folded away under the rest of the dataset section."""
+        with make(gr.Accordion, label="Rename or delete the dataset", open=False,
+                  elem_id="lora_trainer_dataset_manage"):
+            with gr.Row():
+                self.rename_to = make(gr.Textbox, label="Rename the dataset to",
+                                      elem_id="lora_trainer_dataset_rename_to")
+                self.rename = make(gr.Button, value="Rename", elem_id="lora_trainer_dataset_rename")
+            with gr.Row():
+                self.confirm = make(gr.Textbox, label="Type the dataset's name to delete it",
+                                    elem_id="lora_trainer_dataset_delete_confirm")
+                self.delete = make(gr.Button, value="Delete dataset", variant="stop",
+                                   elem_id="lora_trainer_dataset_delete")
 
     def wire(self, status, folder, dataset_outputs: List, show: Callable[[str], tuple]) -> None:
         """``dataset_outputs``: the tab's components that show a dataset; ``show(folder)``: their values."""

@@ -20,6 +20,21 @@ ELSEWHERE = ("task_type", "base_model", "train_data_dir", "trigger_word", "resum
              "target_modules")
 ADVANCED_FIELDS = tuple(name for name in FIELDS if name not in MAIN_FIELDS + ELSEWHERE)
 FORM_FIELDS = MAIN_FIELDS + ADVANCED_FIELDS
+# The Advanced panel's groups, in TrainConfig's sections; the optimizer section's noise and loss options get their own.
+NOISE_AND_LOSS = ("noise_offset", "min_snr_gamma", "ip_noise_gamma", "multires_noise_iterations",
+                  "multires_noise_discount")
+GROUP_OF_SECTION = {"model": "Model", "data": "Data", "network": "Network", "optim": "Optimizer",
+                    "schedule": "Schedule and checkpoints", "sample": "Sampling and the final check",
+                    "output": "Output", "runtime": "Runtime"}
+
+
+def advanced_groups() -> List[tuple]:
+    """(group label, field names) for the Advanced panel, every advanced field exactly once, in schema order."""
+    groups: dict = {}
+    for name in ADVANCED_FIELDS:
+        label = "Noise and loss" if name in NOISE_AND_LOSS else GROUP_OF_SECTION[FIELDS[name].metadata["section"]]
+        groups.setdefault(label, []).append(name)
+    return list(groups.items())
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .compat import make, update
 from .context import TabContext
 from .controller import BULK_OPS, DatasetView, TabController
 from .dataset_panel import DatasetPanel
-from .fields import ADVANCED_FIELDS, FORM_FIELDS, MAIN_FIELDS, field_specs, form_values
+from .fields import FORM_FIELDS, MAIN_FIELDS, advanced_groups, field_specs, form_values
 from .presets import list_presets, load_preset
 from .result_panel import ResultPanel
 from .widgets import field_component, guarded, thumbnail
@@ -32,17 +32,23 @@ class TrainTab:
         self.results = ResultPanel(context, self.controller)
 
     # -- layout ----------------------------------------------------------------------------------
+    # Settings on the left; on the right, sticky (style.css), what a run shows: Status, the buttons, progress, the
+    # result, the chart and samples, as the WebUI's own tabs put output beside settings. A narrow window wraps the
+    # right column under the left one (each has a min_width).
     def render(self, css: str = "") -> gr.Blocks:
         kwargs = {"css": css} if css and compat.MAJOR < 6 else {}
         with gr.Blocks(analytics_enabled=False, title="Train LoRA", **kwargs) as blocks:
-            with gr.Column(elem_id="lora_trainer_tab"):
-                self.status = make(gr.Textbox, label="Status", interactive=False, elem_id="lora_trainer_status")
-                self._dataset_section()
-                self._model_section()
-                self._training_section()
-                self._run_section()
-                self._progress_section()
-                self.results.render()
+            with make(gr.Row, elem_id="lora_trainer_tab", equal_height=False):
+                with make(gr.Column, scale=3, min_width=560, elem_id="lora_trainer_settings"):
+                    self._dataset_section()
+                    self._model_section()
+                    self._training_section()
+                with make(gr.Column, scale=2, min_width=440, elem_id="lora_trainer_output"):
+                    self.status = make(gr.Textbox, label="Status", interactive=False,
+                                       elem_id="lora_trainer_status")
+                    self._run_section()
+                    self.results.render()
+                    self._progress_section()
             self._wire_dataset()
             self._wire_training()
             self._wire_run()
@@ -51,6 +57,7 @@ class TrainTab:
         return blocks
 
     def _dataset_section(self) -> None:
+        """The common path in view (pick or upload a dataset, load, auto-caption, check); the rest folded."""
         gr.Markdown("### Dataset", elem_id="lora_trainer_dataset_heading")
         self.dataset_panel = DatasetPanel(self.controller.datasets)
         self.dataset_panel.render()
@@ -60,34 +67,40 @@ class TrainTab:
             self.load = make(gr.Button, value="Load", elem_id="lora_trainer_dataset_load", scale=1)
             self.trigger = make(gr.Textbox, label="Trigger word", elem_id="lora_trainer_trigger_word", scale=2,
                                 value=self.context.defaults.get("trigger_word", ""))
+        with make(gr.Accordion, label="Auto-caption (CLIP)", open=True, elem_id="lora_trainer_caption_section"):
+            with gr.Row():
+                self.cap_model = make(gr.Textbox, label="Caption model (open_clip name or config .json)",
+                                      value=self.context.caption_model, elem_id="lora_trainer_caption_model")
+                self.cap_pretrained = make(gr.Textbox, label="Pretrained (tag, or a local weights file)",
+                                           value=self.context.caption_pretrained,
+                                           elem_id="lora_trainer_caption_pretrained")
+            with gr.Row():
+                self.cap_threshold = make(gr.Slider, minimum=0.0, maximum=0.5, step=0.01, value=0.2,
+                                          label="Threshold", elem_id="lora_trainer_caption_threshold")
+                self.cap_mode = make(gr.Radio, choices=["skip", "append", "overwrite"], value="skip",
+                                     label="Images with a caption", elem_id="lora_trainer_caption_mode")
+                self.cap_run = make(gr.Button, value="Auto-caption", elem_id="lora_trainer_caption_run")
         self.warnings = make(gr.Textbox, label="Dataset check", interactive=False, lines=2,
                              elem_id="lora_trainer_dataset_warnings")
         self.gallery = make(gr.Gallery, label="Images and captions", elem_id="lora_trainer_dataset_gallery",
                             columns=6, height=320, allow_preview=False)
         self.names = make(gr.Textbox, label="Image names", elem_id="lora_trainer_dataset_names",
                           elem_classes=["lora_trainer_hidden"])
-        with gr.Row():
-            self.image = make(gr.Dropdown, label="Image", choices=[], value=None, elem_id="lora_trainer_caption_image",
-                              scale=2)
-            self.caption = make(gr.Textbox, label="Caption", lines=2, elem_id="lora_trainer_caption_text", scale=5)
-            self.save_caption = make(gr.Button, value="Save caption", elem_id="lora_trainer_caption_save", scale=1)
-        with gr.Row():
-            self.cap_model = make(gr.Textbox, label="Caption model (open_clip name or config .json)",
-                                  value=self.context.caption_model, elem_id="lora_trainer_caption_model")
-            self.cap_pretrained = make(gr.Textbox, label="Pretrained (tag, or a local weights file)",
-                                       value=self.context.caption_pretrained,
-                                       elem_id="lora_trainer_caption_pretrained")
-            self.cap_threshold = make(gr.Slider, minimum=0.0, maximum=0.5, step=0.01, value=0.2,
-                                      label="Threshold", elem_id="lora_trainer_caption_threshold")
-            self.cap_mode = make(gr.Radio, choices=["skip", "append", "overwrite"], value="skip",
-                                 label="Images with a caption", elem_id="lora_trainer_caption_mode")
-            self.cap_run = make(gr.Button, value="Auto-caption", elem_id="lora_trainer_caption_run")
-        with gr.Row():
-            self.bulk_op = make(gr.Radio, choices=list(BULK_OPS), value="prepend", label="Tag edit (all images)",
-                                elem_id="lora_trainer_bulk_op")
-            self.bulk_tag = make(gr.Textbox, label="Tag", elem_id="lora_trainer_bulk_tag")
-            self.bulk_new = make(gr.Textbox, label="Replace with", elem_id="lora_trainer_bulk_replacement")
-            self.bulk_apply = make(gr.Button, value="Apply and save", elem_id="lora_trainer_bulk_apply")
+        with make(gr.Accordion, label="Edit captions and tags", open=False, elem_id="lora_trainer_edit_section"):
+            with gr.Row():
+                self.image = make(gr.Dropdown, label="Image", choices=[], value=None,
+                                  elem_id="lora_trainer_caption_image", scale=2)
+                self.caption = make(gr.Textbox, label="Caption", lines=2, elem_id="lora_trainer_caption_text",
+                                    scale=5)
+                self.save_caption = make(gr.Button, value="Save caption", elem_id="lora_trainer_caption_save",
+                                         scale=1)
+            with gr.Row():
+                self.bulk_op = make(gr.Radio, choices=list(BULK_OPS), value="prepend", label="Tag edit (all images)",
+                                    elem_id="lora_trainer_bulk_op")
+                self.bulk_tag = make(gr.Textbox, label="Tag", elem_id="lora_trainer_bulk_tag")
+                self.bulk_new = make(gr.Textbox, label="Replace with", elem_id="lora_trainer_bulk_replacement")
+                self.bulk_apply = make(gr.Button, value="Apply and save", elem_id="lora_trainer_bulk_apply")
+        self.dataset_panel.render_management()
 
     def _model_section(self) -> None:
         gr.Markdown("### Model", elem_id="lora_trainer_model_heading")
@@ -116,11 +129,14 @@ class TrainTab:
                 for spec in row:
                     self.fields[spec.name] = field_component(spec)
         with make(gr.Accordion, label="Advanced", open=False, elem_id="lora_trainer_advanced"):
-            specs = field_specs(ADVANCED_FIELDS, defaults)
-            for start in range(0, len(specs), 3):
-                with gr.Row():
-                    for spec in specs[start:start + 3]:
-                        self.fields[spec.name] = field_component(spec)
+            for group, names in advanced_groups():
+                with make(gr.Accordion, label=group, open=False,
+                          elem_id=f"lora_trainer_advanced_{group.split()[0].lower()}"):
+                    specs = field_specs(names, defaults)
+                    for start in range(0, len(specs), 3):
+                        with gr.Row():
+                            for spec in specs[start:start + 3]:
+                                self.fields[spec.name] = field_component(spec)
         with gr.Row():
             self.estimate_run = make(gr.Button, value="Estimate time and memory", elem_id="lora_trainer_estimate_btn")
             self.estimate = make(gr.Textbox, label="Estimate", interactive=False, elem_id="lora_trainer_estimate",
@@ -133,25 +149,26 @@ class TrainTab:
             self.yaml_out = make(gr.File, label="Saved config", interactive=False, elem_id="lora_trainer_yaml_file")
 
     def _run_section(self) -> None:
-        gr.Markdown("### Run", elem_id="lora_trainer_run_heading")
         with gr.Row():
             self.start = make(gr.Button, value="Start", variant="primary", elem_id="lora_trainer_start")
             self.stop = make(gr.Button, value="Stop", elem_id="lora_trainer_stop")
             self.stop_save = make(gr.Button, value="Stop and save", elem_id="lora_trainer_stop_save")
+        with gr.Row():
             self.extend_steps = make(gr.Number, value=100, precision=0, label="Extend by N steps",
-                                     elem_id="lora_trainer_extend_steps")
-            self.extend = make(gr.Button, value="Extend", elem_id="lora_trainer_extend")
-
-    def _progress_section(self) -> None:
-        gr.Markdown("### Progress", elem_id="lora_trainer_progress_heading")
+                                     elem_id="lora_trainer_extend_steps", scale=2)
+            self.extend = make(gr.Button, value="Extend", elem_id="lora_trainer_extend", scale=1)
         self.progress = make(gr.Textbox, label="Progress", interactive=False, lines=2,
                              elem_id="lora_trainer_progress")
+
+    def _progress_section(self) -> None:
         with gr.Row():
             self.chart = make(gr.LinePlot, x="step", y="loss", title="Training loss", x_title="step",
-                              y_title="loss", height=260, elem_id="lora_trainer_loss_chart")
-            self.samples = make(gr.Gallery, label="Latest samples", elem_id="lora_trainer_samples", columns=4,
-                                height=260, allow_preview=False)
-        self.log = make(gr.Textbox, label="Log", lines=6, max_lines=12, interactive=False, elem_id="lora_trainer_log")
+                              y_title="loss", height=220, elem_id="lora_trainer_loss_chart")
+        self.samples = make(gr.Gallery, label="Latest samples", elem_id="lora_trainer_samples", columns=4,
+                            height=200, allow_preview=False)
+        with make(gr.Accordion, label="Log", open=False, elem_id="lora_trainer_log_section"):
+            self.log = make(gr.Textbox, label="Log", lines=6, max_lines=12, interactive=False,
+                            elem_id="lora_trainer_log")
         self.refresh = make(gr.Button, value="Refresh", elem_id="lora_trainer_refresh",
                             elem_classes=["lora_trainer_hidden"])
         self.seen = gr.State({})
@@ -303,11 +320,11 @@ class TrainTab:
             seen = dict(seen or {})
             if view.fingerprint == seen.get("fingerprint"):
                 return (update(),) * 4 + (seen, update()) + tuple(update() for _ in result_outputs)
-            # Status tells how a run ended (also after a page reload), not "started: ..." forever; the messages
-            # of the buttons (started, extending, captions saved) stay while a run is active.
+            # Status tells the run's state whenever it changes (queued, running, finished, failed, also after a page
+            # reload); between changes it keeps the last message (captions saved, dataset loaded, ...).
             status = update()
-            if view.state in ("finished", "stopped", "failed") and view.state != seen.get("state"):
-                status = view.summary
+            if view.state != seen.get("state") and view.state != "idle":
+                status = view.status
             seen["state"] = view.state
             chart = _loss_frame(view.losses) if view.losses else None
             samples = update()

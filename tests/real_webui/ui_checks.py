@@ -41,6 +41,11 @@ def run_tab_checks(report, flavour: str, webui: Path, port: int) -> None:
         tab.status_after("lora_trainer_yaml_load", f"loaded {name}.yaml")
         started = tab.status_after("lora_trainer_start", f"started: {name}", timeout=120_000)
         r("Start starts a run", True, started)
+        page.locator("#lora_trainer_yaml_load").scroll_into_view_if_needed()
+        hidden = tab.off_screen("lora_trainer_yaml_load", "lora_trainer_start", "lora_trainer_progress",
+                                "lora_trainer_result")
+        r("at 1280x800, scrolled to the foot of the settings, Start, progress and result are in view", not hidden,
+          f"off screen: {hidden or 'none'}")
         progress = tab.wait_value("lora_trainer_progress", "v.includes('finished') || v.includes('failed')", 900_000)
         r("the run finishes and the progress says so", "finished" in progress, progress.splitlines()[0])
         status = tab.wait_value("lora_trainer_status", "v.includes('finished') || v.includes('failed')", 60_000)
@@ -48,6 +53,9 @@ def run_tab_checks(report, flavour: str, webui: Path, port: int) -> None:
         result = tab.wait_value("lora_trainer_result", "v.includes('Published')", 60_000)
         r("the result says where it was published", "Lora" in result, result.splitlines()[0][:200])
         tab.shot("trained")
+        page.evaluate("() => window.scrollTo(0, 0)")
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ROOT / "test-artifacts" / f"real-{flavour}-screenshot.png"))  # README pictures
         page.locator("#txt2img_prompt textarea").evaluate("(el) => { el.value = 'a photo of a cat'; }")
         tab.click("lora_trainer_use_txt2img")
         page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value.includes('<lora:')",

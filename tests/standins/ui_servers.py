@@ -154,6 +154,23 @@ class TabPage:
         self.box(elem_id).click()
         self.page.locator(f"#{elem_id} li[data-testid=dropdown-option]").filter(has_text=option).first.click()
 
+    def off_screen(self, *elem_ids: str) -> list:
+        """The ids whose top part (up to 40 px) is outside the viewport, where the page is scrolled now."""
+        height = self.page.viewport_size["height"]
+        out = []
+        for elem_id in elem_ids:
+            box = self.page.locator(f"#{elem_id}").first.bounding_box()
+            if box is None or box["y"] < 0 or box["y"] + min(box["height"], 40) > height:
+                out.append(elem_id)
+        return out
+
+    def open(self, accordion_id: str) -> None:
+        """Unfold an accordion as a user does (a click on its header; gradio 3, 4 and 6 all draw a .label-wrap)."""
+        header = self.page.locator(f"#{accordion_id} .label-wrap").first
+        if "open" not in (header.get_attribute("class") or "").split():
+            header.click()
+        self.page.wait_for_timeout(200)
+
     def wait_value(self, elem_id: str, predicate_js: str, timeout: float = 60_000) -> str:
         """Wait until the text box's value satisfies ``predicate_js`` (a JS expression over ``v``)."""
         self.page.wait_for_function(
