@@ -59,11 +59,11 @@ test: lint pytest
 # The real-WebUI suite (not in CI: the WebUIs' code is fetched, never committed). Build the installs once with
 # tests/real_webui/build_a1111.sh and build_forge.sh (they need the snapshots those scripts name), then:
 #   make webui-test A1111_DIR=/work/webuis/a1111 FORGE_DIR=/work/webuis/forge
-# It writes tests/real_webui/REPORT.md.
+# It writes tests/real_webui/REPORT.md and the README's screenshots (docs/screenshot_a1111.png, screenshot_forge.png).
 A1111_DIR ?= /work/webuis/a1111
 FORGE_DIR ?= /work/webuis/forge
 webui-test: $(VENV)/.dev $(CHROMIUM)
-	OMP_NUM_THREADS=1 $(PY) tests/real_webui/suite.py --a1111 $(A1111_DIR) --forge $(FORGE_DIR)
+	OMP_NUM_THREADS=1 $(PY) tests/real_webui/suite.py --a1111 $(A1111_DIR) --forge $(FORGE_DIR) --update-screenshots
 
 clean:
 	rm -rf $(VENV) demo_output output .venv-gradio3 .venv-gradio4 test-artifacts

@@ -398,6 +398,8 @@ def main(argv=None) -> int:
     parser.add_argument("--forge", type=Path, help="a real Forge install (build_forge.sh)")
     parser.add_argument("--report", type=Path, default=HERE / "REPORT.md")
     parser.add_argument("--skip-ui", action="store_true", help="API checks only")
+    parser.add_argument("--update-screenshots", action="store_true",
+                        help="copy the tab's 1280x800 screenshots into docs/ (the README's pictures)")
     options = parser.parse_args(argv)
     installs = {k: v for k, v in (("a1111", options.a1111), ("forge", options.forge)) if v}
     if not installs:
@@ -412,6 +414,11 @@ def main(argv=None) -> int:
         if not options.skip_ui:
             ui_checks(report, flavour, webui)
     write_report(report, options.report, installs, started)
+    if options.update_screenshots and not options.skip_ui:
+        for flavour in installs:
+            shot = ROOT / "test-artifacts" / f"real-{flavour}-screenshot.png"
+            if shot.is_file():
+                shutil.copyfile(shot, ROOT / "docs" / f"screenshot_{flavour}.png")
     print(f"report: {options.report}; {len(report.failed())} failed of {len(report.rows)}")
     return 1 if report.failed() else 0
 
