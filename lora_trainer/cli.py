@@ -173,19 +173,35 @@ def _reject_unknown_flags(unknown: List[str]) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from .distributed import join_from_environment, leave
     from .progress import ConsoleProgress
 
     config, resume_dir = config_from_args(ns)
-    progress = ConsoleProgress()
-    with progress.redirect_logging():
-        if config.task_type == "text-generation":
-            from .text.runner import run_text_training
-
-            result = run_text_training(config, events=progress.bus, resume_dir=resume_dir)
-        else:
+    processes = join_from_environment()  # torchrun / accelerate launch: several processes, one run
+    try:
+        if processes.parallel and config.task_type == "text-generation":
+            raise ConfigError("data-parallel training covers text-to-image runs; run text-generation in one process")
+        if processes.device():
+            config = config.replace(device=processes.device())
+        if not processes.is_main:  # the main process reports and writes; the others stay quiet
+            logging.getLogger("lora_trainer").setLevel(logging.WARNING)
             from .runner import load_standalone_backbone, run_training
 
-            result = run_training(config, load_standalone_backbone, events=progress.bus, resume_dir=resume_dir)
+            run_training(config, load_standalone_backbone, resume_dir=resume_dir, processes=processes)
+            return 0
+        progress = ConsoleProgress()
+        with progress.redirect_logging():
+            if config.task_type == "text-generation":
+                from .text.runner import run_text_training
+
+                result = run_text_training(config, events=progress.bus, resume_dir=resume_dir)
+            else:
+                from .runner import load_standalone_backbone, run_training
+
+                result = run_training(config, load_standalone_backbone, events=progress.bus, resume_dir=resume_dir,
+                                      processes=processes)
+    finally:
+        leave(processes)
     if result.lora_path:
         logger.info("LoRA: %s", result.lora_path)
     return 0

@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoints
 from .config import TrainConfig
+from .distributed import SINGLE, PeerStopped, Processes
 from .errors import TrainingError
 from .events import CheckpointSaved, EventBus, Progress, StopRequest
 from .run_folder import RunFolder
@@ -28,8 +29,10 @@ logger = logging.getLogger("lora_trainer")
 class LoopBase:
     STATE_KEY = "lora"  # where a checkpoint keeps the trainable parameters
 
-    def __init__(self, config: TrainConfig, plan: TrainPlan, run: RunFolder, events: EventBus, stop: StopRequest):
+    def __init__(self, config: TrainConfig, plan: TrainPlan, run: RunFolder, events: EventBus, stop: StopRequest,
+                 processes: Processes = SINGLE):
         self.config, self.plan, self.run_folder, self.events, self.stop = config, plan, run, events, stop
+        self.processes = processes  # data-parallel: gradients summed over processes; only the main one writes
         self.optimizer: torch.optim.Optimizer
         self.scheduler: torch.optim.lr_scheduler.LambdaLR
         self.losses: deque = deque(maxlen=50)
@@ -52,6 +55,15 @@ class LoopBase:
 
     # -- the loop --------------------------------------------------------------------------------
     def _train_steps(self, start_step: int) -> int:
+        try:
+            return self._steps(start_step)
+        except PeerStopped as exc:  # data-parallel: say where to resume from
+            last = checkpoints.latest_checkpoint(self.run_folder.path)
+            raise PeerStopped(f"{exc}; the last checkpoint is {last.name if last else 'none yet'}: resume with "
+                              f"--resume {self.run_folder.path} (with the same number of processes for a "
+                              "bit-identical result)") from None
+
+    def _steps(self, start_step: int) -> int:
         step, started, accum = start_step, time.perf_counter(), self.plan.accumulation
         while step < self.plan.total_steps:
             if self.stop.is_set():
@@ -59,11 +71,13 @@ class LoopBase:
                 break
             t0 = time.perf_counter()
             loss = sum(self._micro_step(step * accum + k) for k in range(accum)) / accum
+            loss = self.processes.sum(loss, torch.device("cpu"))  # the whole micro-batches' mean, as one process
             self._optimizer_step(step)
             step += 1
             self.step_times.append(time.perf_counter() - t0)
             self._report(step, loss, time.perf_counter() - started)
-            if self.config.save_steps and step % self.config.save_steps == 0 and step < self.plan.total_steps:
+            if (self.processes.is_main and self.config.save_steps and step % self.config.save_steps == 0
+                    and step < self.plan.total_steps):
                 self._save_checkpoint(step)
             self._after_step(step)
         return step
@@ -74,6 +88,7 @@ class LoopBase:
                                                        float(loss.detach())))
 
     def _optimizer_step(self, step: int) -> None:
+        self.processes.reduce_gradients(self._trainable().values())
         if self.config.max_grad_norm:
             params = [p for p in self._trainable().values() if p.requires_grad]
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -97,9 +112,10 @@ class LoopBase:
                          loss=loss, avg_loss=sum(self.losses) / len(self.losses), lr=lr,
                          it_per_s=1.0 / seconds_per_step if seconds_per_step else 0.0,
                          eta_s=seconds_per_step * (self.plan.total_steps - step), elapsed_s=elapsed)
-        self.run_folder.append_metrics([{
-            "step": step, "epoch": event.epoch, "loss": f"{loss:.6f}", "avg_loss": f"{event.avg_loss:.6f}",
-            "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}"}])
+        if self.processes.is_main:
+            self.run_folder.append_metrics([{
+                "step": step, "epoch": event.epoch, "loss": f"{loss:.6f}", "avg_loss": f"{event.avg_loss:.6f}",
+                "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}"}])
         self.events.emit(event)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -110,6 +126,7 @@ class LoopBase:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "recent_losses": list(self.losses),
+            "processes": self.processes.world,
         }
         folder = checkpoints.save_checkpoint(self.run_folder.path, step, state,
                                              lambda tmp: self._write_checkpoint_files(tmp, step))
@@ -141,9 +158,15 @@ class LoopBase:
         self.scheduler.load_state_dict(state["scheduler"])
         self.losses.extend(state.get("recent_losses", []))
         step = int(state["step"])
+        began_on = int(state.get("processes", 1))
+        if began_on != self.processes.world:
+            logger.warning("this run's checkpoint was written by %d process(es) and resumes on %d: each step's batch "
+                           "is split differently, so the result will not be bit-identical to an uninterrupted run",
+                           began_on, self.processes.world)
         # Only now that the checkpoint has loaded: an extend raises max_train_steps, and a later resume must see
         # the new total, but a failed extend or resume leaves the run's config.yaml and metrics as they were.
-        self.run_folder.save_config(self.config)
-        self.run_folder.truncate_metrics(step)
+        if self.processes.is_main:
+            self.run_folder.save_config(self.config)
+            self.run_folder.truncate_metrics(step)
         logger.info("resuming %s from step %d (%s)", self.run_folder.name, step, folder.name)
         return step

@@ -45,6 +45,7 @@ class RunFacts:
     bucket_counts: Dict[str, int]  # "512x512" -> images
     started_at: float
     session_id: str = ""
+    processes: int = 1  # data-parallel processes, each with batch_size images per micro-batch
 
 
 def new_session_id() -> str:
@@ -91,7 +92,7 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, r
         "ss_num_batches_per_epoch": str(facts.batches_per_epoch),
         "ss_num_train_images": str(facts.num_samples),
         "ss_batch_size_per_device": str(config.batch_size),
-        "ss_total_batch_size": str(config.batch_size * config.gradient_accumulation_steps),
+        "ss_total_batch_size": str(config.batch_size * facts.processes * config.gradient_accumulation_steps),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_gradient_checkpointing": str(config.gradient_checkpointing),
         "ss_mixed_precision": config.mixed_precision,

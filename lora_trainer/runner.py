@@ -16,6 +16,7 @@ from typing import Callable, Iterator, List, Optional
 
 from .backbones.base import Backbone
 from .config import TrainConfig
+from .distributed import SINGLE, Processes
 from .errors import ModelError, UserError
 from .events import EventBus, Failed, StopRequest
 from .run_folder import RunFolder
@@ -35,30 +36,40 @@ class CheckedInput:
     scan_log: List[logging.LogRecord]
 
 
-def check_before_start(config: TrainConfig) -> CheckedInput:
+def check_before_start(config: TrainConfig, processes: int = 1) -> CheckedInput:
     """Everything that can be checked without the model: the dataset (images, captions, buckets) and init_lora.
 
     The job runs it before it accepts a run, so the tab and the API refuse at once (the API with 422) and
     nothing is written or locked; ``run_training`` runs it itself when called without it (the CLI).
     """
     with _remembered_logs() as scan_log:
-        data = prepare_data(config)
+        data = prepare_data(config, processes)
     check_init_lora(config)
     return CheckedInput(data, scan_log)
 
 
 def run_training(config: TrainConfig, load_backbone: BackboneLoader, events: Optional[EventBus] = None,
                  stop: Optional[StopRequest] = None, resume_dir: Optional[Path] = None,
-                 checked: Optional[CheckedInput] = None) -> TrainResult:
-    """Train as ``config`` says. With ``resume_dir``, continue that run from its last checkpoint."""
+                 checked: Optional[CheckedInput] = None, processes: Processes = SINGLE) -> TrainResult:
+    """Train as ``config`` says. With ``resume_dir``, continue that run from its last checkpoint. Under a
+    data-parallel launcher every process calls this; only the main one makes and writes the run folder."""
     events = events or EventBus()
     with RunGuard(events, resume_dir) as guard:
-        checked = checked or check_before_start(config)  # a bad dataset fails here, before any model loads
-        guard.run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(config)
-        guard.run.start_log(earlier=checked.scan_log)  # train.log also lists the images the scan skipped
-        logger.info("run folder: %s", guard.run.path)
+        # a bad dataset fails here, before any model loads
+        checked = checked or check_before_start(config, processes.world)
+        if processes.is_main:
+            guard.run = RunFolder.open_existing(resume_dir) if resume_dir else RunFolder.create(config)
+            guard.run.start_log(earlier=checked.scan_log)  # train.log also lists the images the scan skipped
+            logger.info("run folder: %s", guard.run.path)
+            if processes.parallel:
+                logger.info("global batch: %d per process x %d processes x %d accumulation steps = %d images a step",
+                            config.batch_size, processes.world, config.gradient_accumulation_steps,
+                            checked.data.plan.global_batch * config.gradient_accumulation_steps)
+        run = guard.run if not processes.parallel else RunFolder(processes.broadcast(str(guard.run.path)
+                                                                                     if guard.run else ""))
         backbone = load_backbone(config)
-        return train(config, backbone, checked.data, guard.run, events, stop, resume=resume_dir is not None)
+        return train(config, backbone, checked.data, run, events, stop, resume=resume_dir is not None,
+                     processes=processes)
 
 
 class RunGuard:
@@ -67,7 +78,7 @@ class RunGuard:
 
     def __init__(self, events: EventBus, resume_dir: Optional[Path]):
         self.events, self.resume_dir = events, resume_dir
-        self.run: Optional[RunFolder] = None
+        self.run: Optional[RunFolder] = None  # only set where the run folder is written (the main process)
 
     def __enter__(self) -> RunGuard:
         return self

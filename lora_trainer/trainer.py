@@ -29,6 +29,7 @@ from .diffusion import (
     sample_timesteps,
     training_target,
 )
+from .distributed import SINGLE, Processes
 from .events import EventBus, Finished, Phase, SampleSaved, Started, StopRequest
 from .files import write_atomic
 from .loop_base import LoopBase
@@ -75,12 +76,13 @@ def build_network(config: TrainConfig, backbone: Backbone) -> LoraNetwork:
 
 def train(config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunFolder,
           events: Optional[EventBus] = None, stop: Optional[StopRequest] = None,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, processes: Processes = SINGLE) -> TrainResult:
     """Train a LoRA on ``backbone`` and write it into ``run``; the base model is given back untouched."""
     with backbone.borrow(gradient_checkpointing=config.gradient_checkpointing):
         network = build_network(config, backbone)
         with network.attached_to_model():
-            loop = _Loop(config, backbone, data, run, network, events or EventBus(), stop or StopRequest())
+            loop = _Loop(config, backbone, data, run, network, events or EventBus(), stop or StopRequest(),
+                         processes)
             return loop.run(resume)
 
 
@@ -88,8 +90,8 @@ class _TextConditioning:
     """Text conditioning per caption (SDXL: per caption and size): computed once when neither the captions nor the
     text encoder change, else every step; with a text-encoder LoRA training, with gradients."""
 
-    def __init__(self, backbone: Backbone, cache: bool, grad: bool = False):
-        self.backbone, self.cache, self.grad = backbone, cache, grad
+    def __init__(self, backbone: Backbone, cache: bool, grad: bool = False, processes: Processes = SINGLE):
+        self.backbone, self.cache, self.grad, self.processes = backbone, cache, grad, processes
         self.by_size = getattr(backbone, "family", "") == "sdxl"  # SDXL's time ids depend on each image's size
         self.store: Dict[tuple, object] = {}
 
@@ -105,12 +107,18 @@ class _TextConditioning:
             if key not in self.store:
                 todo.setdefault(key, (caption, size))
         items = sorted(todo.items(), key=lambda item: repr(item[0]))
-        for start in range(0, len(items), chunk):
-            part = items[start:start + chunk]
+        parts = [items[start:start + chunk] for start in range(0, len(items), chunk)]
+        mine: Dict[tuple, object] = {}
+        for part in self.processes.mine(parts):  # data-parallel: each process encodes a part, then all share
             with torch.no_grad():
                 encoded = self.backbone.encode_prompts([c for _, (c, _) in part], [s for _, (_, s) in part])
             for j, (key, _) in enumerate(part):
-                self.store[key] = _select(encoded, j)
+                mine[key] = _select(encoded, j)
+        if self.processes.parallel:
+            device = self.backbone.device
+            shared = self.processes.gather({k: _to_device(v, torch.device("cpu")) for k, v in mine.items()})
+            mine = {k: _to_device(v, device) for k, v in shared.items()}
+        self.store.update(mine)
 
     def cached(self, caption: str, size: Tuple[int, int]):
         """A one-item batch of a caption's stored conditioning, or None when it is not stored."""
@@ -136,6 +144,12 @@ def _stack(items: List):
     return torch.stack(items)
 
 
+def _to_device(cond, device: torch.device):
+    if isinstance(cond, dict):
+        return {k: v.to(device) for k, v in cond.items()}
+    return cond.to(device)
+
+
 def _to(cond, dtype: torch.dtype):
     if isinstance(cond, dict):
         return {k: v.to(dtype) for k, v in cond.items()}
@@ -146,10 +160,10 @@ class _Loop(LoopBase):
     STATE_KEY = "network"
 
     def __init__(self, config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunFolder,
-                 network: LoraNetwork, events: EventBus, stop: StopRequest):
-        super().__init__(config, data.plan, run, events, stop)
+                 network: LoraNetwork, events: EventBus, stop: StopRequest, processes: Processes = SINGLE):
+        super().__init__(config, data.plan, run, events, stop, processes)
         self.backbone, self.data, self.network = backbone, data, network
-        self.order = EpochOrder(data, config.batch_size, config.seed)
+        self.order = EpochOrder(data, data.plan.global_batch, config.seed)
         text_lr = config.learning_rate if config.text_encoder_lr is None else config.text_encoder_lr
         self.optimizer = build_optimizer(network.parameter_groups(config.learning_rate, text_lr), config.optimizer,
                                          config.learning_rate, config.weight_decay)
@@ -161,10 +175,11 @@ class _Loop(LoopBase):
             num_images=data.scan.num_images(), num_samples=data.scan.num_samples(),
             batches_per_epoch=self.plan.batches_per_epoch, total_steps=self.plan.total_steps,
             tag_frequency=data.scan.tag_frequency(), dataset_dirs=data.scan.dataset_dirs(),
-            bucket_counts=data.bucket_counts(), started_at=time.time(), session_id=new_session_id())
+            bucket_counts=data.bucket_counts(), started_at=time.time(), session_id=new_session_id(),
+            processes=processes.world)
         self.latents: Optional[LatentCache] = None
         self.text = _TextConditioning(backbone, cache=not (captions_vary(config) or config.train_text_encoder),
-                                      grad=config.train_text_encoder)
+                                      grad=config.train_text_encoder, processes=processes)
         if config.network == "dora" and config.train_text_encoder and backbone.family in ("sd2", "sdxl"):
             logger.warning("A1111 applies LoRA to the OpenCLIP text encoder of SD2/SDXL through its fused attention "
                            "weights, where its DoRA merge does not fit; the text-encoder part of this DoRA works in "
@@ -181,6 +196,8 @@ class _Loop(LoopBase):
                                  self.data.scan.num_images()))
         step = self._train_steps(start_step)
         stopped = step < self.plan.total_steps
+        if not self.processes.is_main:  # the main process checks and writes the result
+            return TrainResult(self.run_folder.path, None, step, stopped)
         if stopped and not self.stop.save:
             self.run_folder.write_chart()
             self.events.emit(Finished(self.run_folder.path, None, step, stopped=True))
@@ -193,7 +210,10 @@ class _Loop(LoopBase):
     def _prepare_caches(self) -> None:
         started = time.perf_counter()
         if self.config.cache_latents:
-            self.latents = LatentCache(self.backbone, self.data, self.config.flip_aug)
+            self.latents = LatentCache(self.backbone, self.data, self.config.flip_aug, processes=self.processes)
+            if self.processes.parallel:
+                logger.info("latents: %d of %d encoded in this process, the rest by the other %d",
+                            self.latents.encoded_here, len(self.latents.latents), self.processes.world - 1)
         if self.text.cache:
             rng = caption_rng(self.config.seed, 0)
             flips = (False, True) if self.config.flip_aug else (False,)
@@ -206,37 +226,46 @@ class _Loop(LoopBase):
         return dict(self.network.named_parameters())
 
     def _after_step(self, step: int) -> None:
-        if (self.config.sample_every_n_steps and step % self.config.sample_every_n_steps == 0
+        if (self.processes.is_main and self.config.sample_every_n_steps and step % self.config.sample_every_n_steps == 0
                 and step < self.plan.total_steps):
             self._render_samples(step)
 
     def _micro_step(self, micro_step: int) -> float:
+        """Forward and backward of this process's share of micro-batch ``micro_step``; returns its part of the
+        micro-batch's mean loss (the whole mean in one process). Every random draw is made for the whole micro-batch
+        and then sliced, so N processes compute what one process would."""
         config, backbone = self.config, self.backbone
         indices = self.order.micro_batch(micro_step)
         rng = caption_rng(config.seed, micro_step)
         captions = [caption_for(config, self.data.scan.records[i].caption, rng) for i in indices]
         flips = [config.flip_aug and rng.random() < 0.5 for _ in indices]
         sizes = [self.data.train_size(i, flip) for i, flip in zip(indices, flips)]
+        share = self.processes.share(len(indices))
+        if share.start == share.stop:  # a short last batch can leave a process nothing; it still joins the sum
+            return 0.0
         if self.latents is not None:
-            latents = self.latents.batch(indices, flips)
+            latents = self.latents.batch(indices[share], flips[share])
         else:
             with torch.no_grad():
-                pixels = load_pixels(self.data, indices, flips).to(backbone.device, backbone.dtype)
+                pixels = load_pixels(self.data, indices[share], flips[share]).to(backbone.device, backbone.dtype)
                 latents = backbone.encode_images(pixels).float()
+        whole = latents.new_empty((len(indices), *latents.shape[1:]), device="cpu")  # the micro-batch's shape
         generator = noise_generator(config.seed, micro_step)
-        noise = sample_noise(latents, generator, config.noise_offset, config.multires_noise_iterations,
+        noise = sample_noise(whole, generator, config.noise_offset, config.multires_noise_iterations,
                              config.multires_noise_discount)
         timesteps = sample_timesteps(len(indices), generator)
         input_noise = perturbed(noise, generator, config.ip_noise_gamma)
+        noise, timesteps, input_noise = (t[share].to(latents.device) for t in (noise, timesteps, input_noise))
+        weight = (share.stop - share.start) / len(indices)  # this process's part of the micro-batch's mean
         with self.dropout_active(micro_step):
             # A training text-encoder LoRA runs in the same mixed precision as the UNet; frozen encodings do not
             # change.
             with self._autocast(enabled=config.train_text_encoder):
-                cond = self.text.batch(captions, sizes)
+                cond = self.text.batch(captions[share], sizes[share])
             loss = self._loss(latents, noise, timesteps, cond, input_noise=input_noise)
             self._check_finite(loss, micro_step)
-            (loss / self.plan.accumulation).backward()
-        return float(loss.detach())
+            (loss * weight / self.plan.accumulation).backward()  # weight is 1.0 in one process: no change
+        return float(loss.detach()) * weight
 
     def _optimizer_step(self, step: int) -> None:
         super()._optimizer_step(step)

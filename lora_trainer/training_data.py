@@ -21,6 +21,7 @@ from .buckets import assign_bucket, make_buckets, square_bucket
 from .captions import build_caption
 from .config import TrainConfig
 from .dataset import DatasetScan, scan_dataset
+from .distributed import SINGLE, Processes
 from .errors import DatasetError
 from .images import cover_and_crop, image_to_tensor, load_image
 
@@ -35,6 +36,7 @@ class TrainPlan:
     batches_per_epoch: int
     accumulation: int
     total_steps: int  # optimizer steps
+    global_batch: int = 1  # images in one micro-batch over all processes (batch_size x processes)
 
     @property
     def steps_per_epoch(self) -> float:
@@ -67,7 +69,9 @@ class PreparedData:
         return TrainSize(bucket, (record.width, record.height), (top, left))
 
 
-def prepare_data(config: TrainConfig) -> PreparedData:
+def prepare_data(config: TrainConfig, processes: int = 1) -> PreparedData:
+    """The dataset scanned and bucketed, and the step plan for ``processes`` data-parallel processes (each takes
+    ``batch_size`` images of every micro-batch)."""
     scan = scan_dataset(config.train_data_dir, config.metadata_path, config.caption_extension, config.repeats)
     if config.enable_bucket:
         choices = make_buckets(config.resolution, config.min_bucket_reso, config.max_bucket_reso,
@@ -77,13 +81,15 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     else:
         buckets = [square_bucket(config.resolution)] * len(scan.records)
     repeats = [r.repeats for r in scan.records]
-    per_epoch = batches_per_epoch(buckets, repeats, config.batch_size)
+    global_batch = config.batch_size * processes
+    per_epoch = batches_per_epoch(buckets, repeats, global_batch)
     accumulation = config.gradient_accumulation_steps
     if config.max_train_steps:
         total = config.max_train_steps
     else:
         total = math.ceil(config.epochs * per_epoch / accumulation)
-    plan = TrainPlan(batches_per_epoch=per_epoch, accumulation=accumulation, total_steps=max(1, total))
+    plan = TrainPlan(batches_per_epoch=per_epoch, accumulation=accumulation, total_steps=max(1, total),
+                     global_batch=global_batch)
     logger.info("dataset: %d images (%d with repeats) in %d buckets, %d batches per epoch, %d steps",
                 scan.num_images(), scan.num_samples(), len(set(buckets)), per_epoch, plan.total_steps)
     return PreparedData(scan=scan, buckets=buckets, plan=plan)
@@ -136,21 +142,24 @@ def load_pixels(data: PreparedData, indices: Sequence[int], flips: Sequence[bool
 class LatentCache:
     """Latents of every record (and its mirror image with flip_aug), encoded once, in bucket batches."""
 
-    def __init__(self, backbone, data: PreparedData, flip_aug: bool, batch_size: int = 4):
-        self.latents: Dict[Tuple[int, bool], torch.Tensor] = {}
+    def __init__(self, backbone, data: PreparedData, flip_aug: bool, batch_size: int = 4,
+                 processes: Processes = SINGLE):
         flips = (False, True) if flip_aug else (False,)
         by_bucket: Dict[Size, List[int]] = {}
         for i, bucket in enumerate(data.buckets):
             by_bucket.setdefault(bucket, []).append(i)
-        for indices in by_bucket.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                for flip in flips:
-                    pixels = load_pixels(data, chunk, [flip] * len(chunk))
-                    with torch.no_grad():
-                        encoded = backbone.encode_images(pixels.to(backbone.device, _vae_dtype(backbone)))
-                    for i, latent in zip(chunk, encoded):
-                        self.latents[(i, flip)] = latent.float()
+        chunks = [(indices[start:start + batch_size], flip) for indices in by_bucket.values()
+                  for start in range(0, len(indices), batch_size) for flip in flips]
+        mine: Dict[Tuple[int, bool], torch.Tensor] = {}
+        for chunk, flip in processes.mine(chunks):  # data-parallel: each process encodes a part, then all share
+            pixels = load_pixels(data, chunk, [flip] * len(chunk))
+            with torch.no_grad():
+                encoded = backbone.encode_images(pixels.to(backbone.device, _vae_dtype(backbone)))
+            for i, latent in zip(chunk, encoded):
+                mine[(i, flip)] = latent.float() if not processes.parallel else latent.float().cpu()
+        self.encoded_here = len(mine)
+        shared = processes.gather(mine)
+        self.latents = shared if not processes.parallel else {k: v.to(backbone.device) for k, v in shared.items()}
 
     def batch(self, indices: Sequence[int], flips: Sequence[bool]) -> torch.Tensor:
         return torch.stack([self.latents[(i, f)] for i, f in zip(indices, flips)])

@@ -60,7 +60,8 @@ def test_registers_settings_and_the_tab(webui, tmp_path):
     assert isinstance(blocks, gr.Blocks) and (label, tab_id) == ("Train LoRA", "lora_trainer")
     ids = [getattr(b, "elem_id", None) for b in blocks.blocks.values()]
     assert all(i.startswith("lora_trainer_") for i in ids if i)
-    assert {"lora_trainer_model_info", "lora_trainer_use_txt2img", "lora_trainer_refresh"} <= set(ids)
+    assert {"lora_trainer_model_info", "lora_trainer_use_txt2img", "lora_trainer_refresh",
+            "lora_trainer_multi_gpu"} <= set(ids)
     rank = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "lora_trainer_cfg_lora_rank")
     assert rank.value == 8  # the setting's default
     host = script._host()
@@ -198,7 +199,8 @@ def test_the_glue_stays_glue():
     assert len(text.splitlines()) <= 150
     assert not re.search(r"^\s*(import|from)\s+(torch|diffusers|transformers)\b", text, re.M)
     js = (ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8")
-    assert set(re.findall(r"#([A-Za-z0-9_]+)", js)) <= {"lora_trainer_tab", "lora_trainer_refresh", "txt2img_prompt"}
+    ours = {"lora_trainer_tab", "lora_trainer_output", "lora_trainer_refresh", "txt2img_prompt"}
+    assert set(re.findall(r"#([A-Za-z0-9_]+)", js)) <= ours
     css = (ROOT / "style.css").read_text(encoding="utf-8")
     assert all(s.startswith("lora_trainer_") for s in re.findall(r"[#.]([A-Za-z_][A-Za-z0-9_-]*)\s*[{,\s]", css))
 

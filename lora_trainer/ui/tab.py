@@ -147,6 +147,10 @@ class TrainTab:
             self.yaml_load = make(gr.Button, value="Load YAML", elem_id="lora_trainer_yaml_load")
             self.yaml_save = make(gr.Button, value="Save YAML", elem_id="lora_trainer_yaml_save")
             self.yaml_out = make(gr.File, label="Saved config", interactive=False, elem_id="lora_trainer_yaml_file")
+        gr.Markdown("Several GPUs: this tab trains in one process. *Save YAML*, then run "
+                    "`torchrun --nproc_per_node 2 -m lora_trainer train --config name.yaml` (or `accelerate launch "
+                    "--multi_gpu ...`); `batch_size` is per GPU.",
+                    elem_id="lora_trainer_multi_gpu")
 
     def _run_section(self) -> None:
         with gr.Row():
