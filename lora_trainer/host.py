@@ -23,6 +23,9 @@ class Host(Protocol):
     def load_backbone(self, config: TrainConfig) -> Backbone:
         """The model to train (called with the lock held)."""
 
+    def check_model(self) -> None:
+        """Raise ModelError, before a run is accepted, when the model it would train cannot be trained."""
+
     def lora_dir(self) -> Optional[Path]:
         """Where finished LoRAs are published, or None to leave them in the run folder only."""
 
@@ -59,6 +62,9 @@ class StandaloneHost:
         from .runner import load_standalone_backbone
 
         return load_standalone_backbone(config)
+
+    def check_model(self) -> None:
+        pass  # the checkpoint file is checked when it loads, in the run
 
     def lora_dir(self) -> Optional[Path]:
         return self._lora_dir

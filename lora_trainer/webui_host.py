@@ -46,15 +46,30 @@ def describe_model(model_data, selected: Optional[str]) -> str:
     name = name or "no checkpoint selected"
     if not loaded:
         return f"{name} (loads when training starts)"
-    family = "SDXL" if getattr(model, "is_sdxl", False) else "SD2" if getattr(model, "is_sd2", False) else "SD1"
-    return f"{name} ({family})"
+    try:
+        return f"{name} ({model_family(model).upper()})"
+    except ModelError as exc:
+        return f"{name} ({str(exc).split('; ')[0].replace('the loaded checkpoint is ', '')}: cannot be trained)"
+
+
+def model_family(sd_model) -> str:
+    """The family of the WebUI's loaded model, as its backbone will see it; ModelError for one that cannot train."""
+    if hasattr(sd_model, "forge_objects"):
+        from .backbones.forge import forge_family
+
+        return forge_family(sd_model)
+    from .backbones.a1111 import detect_family
+
+    return detect_family(sd_model)
 
 
 class WebUIHost:
     def __init__(self, shared, queue_lock, lora_dir: Path, devices=None, networks=None, render=None,
-                 forge_reload=None, load_model_gpu=None):
+                 forge_reload=None, load_model_gpu=None, model_data=None):
         """``forge_reload``: Forge's ``sd_models.forge_model_reload`` (its model loads lazily);
-        ``load_model_gpu``: Forge's ``memory_management.load_model_gpu``."""
+        ``load_model_gpu``: Forge's ``memory_management.load_model_gpu``; ``model_data``: ``sd_models.model_data``
+        (the loaded model, read without loading one)."""
+        self.model_data = model_data
         self.shared, self.queue_lock, self.devices = shared, queue_lock, devices
         self.networks, self.render = networks, render
         self.forge_reload, self.load_model_gpu = forge_reload, load_model_gpu
@@ -81,6 +96,13 @@ class WebUIHost:
         cmd_opts = getattr(self.shared, "cmd_opts", None)
         return A1111Backbone(sd_model, device=device, networks=self.networks, render=self.render,
                              lowvram=bool(getattr(cmd_opts, "lowvram", False)))
+
+    def check_model(self) -> None:
+        """Refuse, before a run is accepted, a loaded model that cannot train (Flux, SD3, a refiner, ...). A model
+        not loaded yet (A1111 and Forge load lazily) is checked when the run loads it."""
+        model = getattr(self.model_data, "sd_model", None)
+        if model is not None and getattr(model, "forge_objects", True) is not None:
+            model_family(model)
 
     def lora_dir(self) -> Optional[Path]:
         return self._lora_dir

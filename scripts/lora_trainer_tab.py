@@ -73,8 +73,8 @@ def _host():
 
     from lora_trainer.webui_host import WebUIHost, forge_hooks
 
-    return WebUIHost(shared, call_queue.queue_lock, _lora_dir(), devices=devices,
-                     networks=sys.modules.get("networks"), **forge_hooks(sd_models))
+    return WebUIHost(shared, call_queue.queue_lock, _lora_dir(), devices=devices, networks=sys.modules.get("networks"),
+                     model_data=sd_models.model_data, **forge_hooks(sd_models))
 
 
 def _defaults() -> dict:

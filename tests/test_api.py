@@ -142,6 +142,34 @@ def test_routes_on_the_a1111_standin(tiny_sd1_files, tmp_path):
     assert "/lora-trainer/v1/jobs" in client.get("/openapi.json").text
 
 
+def test_a_loaded_model_that_cannot_train_is_refused_with_422(tmp_path):
+    """Forge with Flux loaded (every is_* flag False, huggingface_guess's Flux as model_config) and A1111 with SD3:
+    422 in one line naming the family, nothing started or written, the model untouched."""
+    from standins.a1111 import QueueLock, State
+    from standins.forge import engine_flags
+
+    from lora_trainer.job import current_job
+
+    flux = types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=None))
+    engine_flags(flux, "Flux")
+    sd3 = types.SimpleNamespace(is_sd3=True, model=None)
+    data = make_demo_dataset(tmp_path / "webui" / "datasets" / "shapes", count=2)
+    rules = PathRules([tmp_path / "webui"], tmp_path / "webui" / "outputs" / "lora", tmp_path / "webui" / "uploads")
+    before = current_job()
+    for model, family in ((flux, "Flux.1-dev"), (sd3, "SD3")):
+        shared = types.SimpleNamespace(sd_model=model, state=State(), cmd_opts=types.SimpleNamespace(lowvram=False))
+        host = WebUIHost(shared, QueueLock(), tmp_path / "webui" / "models" / "Lora",
+                         model_data=types.SimpleNamespace(sd_model=model))
+        app = FastAPI()
+        app.include_router(build_router(host, rules, defaults={"base_model": "x.safetensors"}))
+        answer = TestClient(app).post(f"{PREFIX}/jobs", json={**TRAIN, "train_data_dir": str(data)})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"] == (f"the loaded checkpoint is {family}; training supports SD1, SD2 and SDXL "
+                                          "checkpoints in this version")
+    assert current_job() is before and not (tmp_path / "webui" / "outputs").exists()
+    assert flux.forge_objects.unet is None and shared.state.begun == 0
+
+
 def test_a_host_per_job_and_defaults_read_at_each_request(tmp_path):
     """The WebUI passes a host factory (its objects change between runs) and live defaults (the checkpoint)."""
     from lora_trainer.errors import UserError

@@ -15,7 +15,7 @@ from lora_trainer.runner import run_training
 pytest.importorskip("ldm", reason="needs stable-diffusion-sdkit (installed with --no-deps by `make test`)")
 pytestmark = pytest.mark.slow
 
-from standins.forge import ForgeLinear, load_forge_model  # noqa: E402
+from standins.forge import ForgeLinear, engine_flags, guessed_config, load_forge_model  # noqa: E402
 
 
 @pytest.fixture
@@ -116,6 +116,29 @@ def test_low_bit_storage_is_refused(forge_model):
     with pytest.raises(ModelError, match="Low Bits"):
         ForgeBackbone(forge_model)
     forge_model.forge_objects.unet.model.storage_dtype = torch.float32
-    forge_model.is_flux = True
-    with pytest.raises(ModelError, match="Flux"):
+
+
+@pytest.mark.parametrize("guess, name", [("Flux", "Flux.1-dev"), ("FluxSchnell", "Flux.1-schnell"), ("SD3", "SD3"),
+                                         ("SDXLRefiner", "an SDXL refiner"), ("SSD1B", "SSD-1B")])
+def test_every_family_but_sd1_sd2_sdxl_is_refused_by_name_before_anything_is_touched(forge_model, guess, name):
+    """Forge never sets ``is_flux``: its Flux engine has every ``is_*`` flag False and huggingface_guess's Flux class
+    as ``model_config``; the old guard (``is_flux``) let it through as SD1. SSD-1B and the refiner go through the
+    SDXL engines (``is_sdxl`` True) but are other architectures."""
+    engine_flags(forge_model, guess)
+    if guess in ("SDXLRefiner", "SSD1B"):
+        forge_model.is_sdxl = True  # Forge's StableDiffusionXL(Refiner) engines
+    forge_model.forge_objects_original.unet.patch_lora = None  # any use of the model would fail loudly
+    unet = forge_model.forge_objects.unet.model.diffusion_model
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ModelError, match=f"the loaded checkpoint is {name}; training supports SD1, SD2 and SDXL "
+                                         "checkpoints in this version"):
+        ForgeBackbone(forge_model)
+    assert forge_model.current_lora_hash != "[]"  # its LoRAs were not even undone
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
+
+
+def test_an_inpainting_checkpoint_is_refused(forge_model):
+    forge_model.model_config = guessed_config("SD15", in_channels=9)
+    forge_model.is_inpaint = True
+    with pytest.raises(ModelError, match="an inpainting SD1 model"):
         ForgeBackbone(forge_model)

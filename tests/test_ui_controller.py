@@ -35,6 +35,9 @@ class BlockingHost:
         self.release.wait(30)
         raise UserError("released")
 
+    def check_model(self):
+        pass
+
     def lora_dir(self):
         return None
 

@@ -175,7 +175,7 @@ def test_unloading_the_script_stops_the_run(webui, tmp_path):
         def progress_started(self, *a):
             pass
 
-        progress = progress_finished = published = progress_started
+        progress = progress_finished = published = phase = check_model = progress_started
 
         def interrupted(self):
             return False
@@ -216,9 +216,13 @@ def test_the_model_box_names_forges_checkpoint_before_and_after_it_loads():
     placeholder = types.SimpleNamespace(forge_objects=None)
     data = types.SimpleNamespace(sd_model=placeholder, forge_loading_parameters={"checkpoint_info": info})
     assert describe_model(data, None) == "tiny-sd1.safetensors [2be795a74e] (loads when training starts)"
-    data.sd_model = types.SimpleNamespace(forge_objects=object(), sd_checkpoint_info=info, is_sdxl=False,
-                                          is_sd2=False)
+    from standins.forge import engine_flags
+
+    data.sd_model = types.SimpleNamespace(forge_objects=object(), sd_checkpoint_info=info)
+    engine_flags(data.sd_model, "SD15")
     assert describe_model(data, None) == "tiny-sd1.safetensors [2be795a74e] (SD1)"
+    engine_flags(data.sd_model, "Flux")  # the family Forge detected, also when it cannot train
+    assert describe_model(data, None) == "tiny-sd1.safetensors [2be795a74e] (Flux.1-dev: cannot be trained)"
     a1111 = types.SimpleNamespace(sd_model=None)
     assert describe_model(a1111, "v1-5.safetensors") == "v1-5.safetensors (loads when training starts)"
     assert describe_model(a1111, None) == "no checkpoint selected (loads when training starts)"

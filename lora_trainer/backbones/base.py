@@ -13,6 +13,8 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+SUPPORTED = "training supports SD1, SD2 and SDXL checkpoints in this version"  # said when refusing any other family
+
 # SD1/SD2: a tensor [B, 77*k, dim]. SDXL: a dict of tensors, whose keys only the backbone reads
 # (sgm: {"crossattn": [B, 77*k, 2048], "vector": [B, 2816]}; diffusers: crossattn, text_embeds, time_ids).
 Conditioning = Union[torch.Tensor, Dict[str, torch.Tensor]]

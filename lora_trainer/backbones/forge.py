@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .base import FrozenModels, Size
+from .base import SUPPORTED, FrozenModels, Size
 from .checkpointing import checkpointed, native_checkpointing_off, norm_inputs_copied
 from .original_unet import (
     SamplingFallback,
@@ -45,6 +45,32 @@ TRAINABLE_STORAGE = (torch.float32, torch.float16, torch.bfloat16)
 # JointTextEncoder entry -> kohya prefix, per family (webui_internals.md §3.5: te/te1 for clip_l or clip_h, te2 for G)
 TE_PREFIXES = {"sd1": {"clip_l": "lora_te_"}, "sd2": {"clip_h": "lora_te_"},
                "sdxl": {"clip_l": "lora_te1_", "clip_g": "lora_te2_"}}
+
+
+# huggingface_guess's model classes (Forge's sd_model.model_config) that train, exactly these: subclasses such as SSD1B
+# or InstructPix2Pix load through the same engines but are other architectures.
+TRAINABLE_GUESSES = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}
+GUESS_NAMES = {"Flux": "Flux.1-dev", "FluxSchnell": "Flux.1-schnell", "SD3": "SD3", "SDXLRefiner": "an SDXL refiner",
+               "SSD1B": "SSD-1B", "Segmind_Vega": "Segmind Vega", "KOALA_700M": "KOALA-700M", "KOALA_1B": "KOALA-1B",
+               "SD15_instructpix2pix": "SD1 InstructPix2Pix", "SDXL_instructpix2pix": "SDXL InstructPix2Pix",
+               "SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP", "AuraFlow": "AuraFlow",
+               "HunyuanDiT": "Hunyuan-DiT", "HunyuanDiT1": "Hunyuan-DiT 1.1"}
+
+
+def forge_family(sd_model) -> str:
+    """"sd1", "sd2" or "sdxl" for the model Forge loaded, from what Forge itself sets: the family huggingface_guess
+    found (``model_config``), the engine's ``is_sd1/is_sd2/is_sdxl`` flags and ``is_inpaint``; anything else raises
+    ModelError naming what is loaded. (Forge never sets ``is_flux``: a Flux engine just has every flag False.)"""
+    guess = type(getattr(sd_model, "model_config", None)).__name__
+    family = TRAINABLE_GUESSES.get(guess)
+    flags = {"sd1": "is_sd1", "sd2": "is_sd2", "sdxl": "is_sdxl"}
+    if family is None or not getattr(sd_model, flags[family], False):
+        name = GUESS_NAMES.get(guess) or (guess if guess != "NoneType" else type(sd_model).__name__)
+        raise ModelError(f"the loaded checkpoint is {name}; {SUPPORTED}")
+    if getattr(sd_model, "is_inpaint", False):
+        raise ModelError(f"the loaded checkpoint is an inpainting {family.upper()} model; {SUPPORTED}, not inpainting "
+                         "ones")
+    return family
 
 
 def _clone(value):
@@ -88,12 +114,8 @@ def make_params_trainable_inputs(root: nn.Module) -> int:
 class ForgeBackbone(SamplingFallback):
     def __init__(self, sd_model, device: Optional[torch.device] = None,
                  load_model_gpu: Optional[Callable[[object], None]] = None, render=None):
-        for flag, name in (("is_sd3", "SD3"), ("is_flux", "Flux")):
-            if getattr(sd_model, flag, False):
-                raise ModelError(f"the loaded checkpoint is {name}; training supports SD1, SD2 and SDXL checkpoints")
+        self.family = forge_family(sd_model)  # before anything touches the model
         self.sd_model = sd_model
-        self.family = "sdxl" if getattr(sd_model, "is_sdxl", False) else (
-            "sd2" if getattr(sd_model, "is_sd2", False) else "sd1")
         kmodel = sd_model.forge_objects.unet.model
         storage = getattr(kmodel, "storage_dtype", None)
         if storage is not None and storage not in TRAINABLE_STORAGE:

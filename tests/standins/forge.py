@@ -99,6 +99,25 @@ class Patcher:
         self.backup.clear()
 
 
+def guessed_config(name: str, in_channels: int = 4):
+    """Forge's ``sd_model.model_config``: huggingface_guess's model class (SD15, SD20, SDXL, Flux, ...) for the
+    state dict, by the class's name, with its ``inpaint_model()`` rule."""
+    config = type(name, (), {"inpaint_model": lambda self: in_channels > 4})()
+    config.unet_config = {"in_channels": in_channels}
+    return config
+
+
+def engine_flags(model, guess: str) -> None:
+    """What ``ForgeDiffusionEngine.__init__`` sets: every ``is_*`` False, then the engine's own flag True (Forge
+    never sets ``is_flux``), ``model_config`` and ``is_inpaint``."""
+    model.model_config = guessed_config(guess)
+    model.is_inpaint = model.model_config.inpaint_model()
+    model.is_sd1 = model.is_sd2 = model.is_sdxl = model.is_sd3 = False
+    flag = {"SD15": "is_sd1", "SD20": "is_sd2", "SDXL": "is_sdxl", "SD3": "is_sd3"}.get(guess)
+    if flag:
+        setattr(model, flag, True)
+
+
 class ForgeObjects:
     def __init__(self, unet, clip, vae):
         self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, None
@@ -114,7 +133,7 @@ class ForgeModel:
         self.forge_objects = ForgeObjects(unet_patcher, clip, vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.current_lora_hash = "[['x.safetensors', 1.0, 1.0, False]]"
-        self.is_sd1, self.is_sd2, self.is_sdxl = not is_sd2, is_sd2, False
+        engine_flags(self, "SD20" if is_sd2 else "SD15")
         self.first_stage_model = self.cond_stage_model = None  # as in Forge: no .model, no ldm parts
         self.sd_checkpoint_info = types.SimpleNamespace(name="tiny.safetensors", model_name="tiny", shorthash="abcd")
         self.tokenizer, self.vae = tokenizer, vae

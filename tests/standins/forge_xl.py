@@ -24,7 +24,7 @@ import types
 import torch
 from torch import nn
 
-from standins.forge import ForgeObjects, Patcher, _forge_transformer_blocks, _swap_linears, _to_inference
+from standins.forge import ForgeObjects, Patcher, _forge_transformer_blocks, _swap_linears, _to_inference, engine_flags
 from standins.sgm import SdConditioning, build_sdxl_like
 
 __all__ = ["ForgeXLModel", "SdConditioning", "load_forge_xl_model"]
@@ -52,7 +52,7 @@ class ForgeXLModel:
         self.forge_objects = ForgeObjects(unet_patcher, clip, vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.current_lora_hash = "[['x.safetensors', 1.0, 1.0, False]]"
-        self.is_sd1, self.is_sd2, self.is_sdxl = False, False, True
+        engine_flags(self, "SDXL")
         self.first_stage_model = self.cond_stage_model = None  # as in Forge: no .model, no ldm parts
         self.sd_checkpoint_info = types.SimpleNamespace(name="tiny-xl.safetensors", model_name="tiny-xl",
                                                         shorthash="beef")
