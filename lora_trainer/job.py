@@ -71,8 +71,13 @@ def start_job(config: TrainConfig, host: Host, resume_dir: Optional[Path] = None
             snap = _current.snapshot()
             raise JobBusy(f"a training run is already in progress ({snap['name']}, step {snap['step']}/"
                           f"{snap['total_steps']}); stop it or wait for it to finish")
-        host.check_model()
-        job = TrainingJob(config, host, resume_dir, check_before_start(config))
+        try:
+            host.check_model()
+            checked = check_before_start(config)
+        except UserError as exc:
+            logger.warning("training not started: %s", exc)  # the WebUI's console too, not only the answer
+            raise
+        job = TrainingJob(config, host, resume_dir, checked)
         _current = job
         _jobs[job.id] = job
     job._thread.start()
