@@ -155,5 +155,20 @@ if [[ ! -f $CKPT ]]; then
   mv "$CKPT.part" "$CKPT"
 fi
 
+# ---- 5. a Flux.1-dev checkpoint Forge loads as Flux (blocks share weights: 3.4 GB; kept outside models/, the suite
+#         starts one Forge with --ckpt on it) -----------------------------------------------------------------
+FLUX=$DEST/flux/tiny-flux.ckpt
+if [[ ! -f $FLUX ]]; then
+  mkdir -p "$(dirname "$FLUX")"
+  log "building $FLUX"
+  (
+    # shellcheck disable=SC1091
+    source "$DEST/env.sh"
+    cd "$DEST"
+    "$VPY" "$HERE/make_forge_flux_checkpoint.py" --forge "$DEST" "$FLUX.part"
+  )
+  mv "$FLUX.part" "$FLUX"
+fi
+
 log "done in $((SECONDS - t0)) s: $DEST"
 log "launch: cd $DEST && source env.sh && venv/bin/python launch.py \$FORGE_ARGS --api --nowebui --server-name 127.0.0.1 --port 7862"

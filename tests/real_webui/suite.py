@@ -8,7 +8,8 @@ WebUI the suite installs the working tree as a user would (a copy in extensions/
 runs it) beside a probe extension of its own (probe/), starts the WebUI in API mode and checks, with every training
 option at its default except the dataset, the step count and a small resolution: the start, training on the loaded
 model, the lock, txt2img before, during and after, the file in the WebUI's own LoRA loader, the model given back,
-refusals, stop, Extend. Then it starts the UI and drives the tab in Chromium (ui_checks.py). Each check and its
+refusals, stop, Extend; in Forge also a Flux.1-dev checkpoint, which must be refused by name. Then it starts the UI
+and drives the tab in Chromium (ui_checks.py). Each check and its
 figure go into a dated report (--report, default tests/real_webui/REPORT.md). Exit status 1 if a check failed.
 """
 
@@ -29,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -135,10 +137,11 @@ def webui_env(webui: Path) -> dict:
 
 
 class Server:
-    def __init__(self, webui: Path, flavour: str, api_only: bool):
+    def __init__(self, webui: Path, flavour: str, api_only: bool, extra: Optional[list] = None):
         self.webui, self.flavour, self.port = webui, flavour, PORTS[flavour]
-        self.log = webui / f"suite-{'api' if api_only else 'ui'}.log"
+        self.log = webui / f"suite-{'api' if api_only else 'ui'}{'-extra' if extra else ''}.log"
         args = LAUNCH + FLAVOURS[flavour] + ["--port", str(self.port), "--api"] + (["--nowebui"] if api_only else [])
+        args += extra or []
         self.started = time.time()
         self.process = subprocess.Popen([str(webui / "venv" / "bin" / "python"), "launch.py", *args], cwd=webui,
                                         env={**os.environ, **webui_env(webui)}, stdout=open(self.log, "w"),
@@ -346,6 +349,44 @@ def _safetensors_keys(path: Path) -> list:
     return [k for k in header if k != "__metadata__"]
 
 
+def flux_checks(report: Report, webui: Path) -> None:
+    """Forge with a Flux.1-dev checkpoint (build_forge.sh makes one Forge loads as Flux): a run is refused in one
+    line, first in the job (the model loads when the run starts), then with 422 before anything starts."""
+    r = lambda name, ok, figure="": report.check("forge", f"Flux: {name}", ok, figure)  # noqa: E731
+    flux = webui / "flux" / "tiny-flux.ckpt"
+    if not flux.is_file():
+        r("a Flux checkpoint to load", False, f"{flux} is missing: run build_forge.sh")
+        return
+    expected = "the loaded checkpoint is Flux.1-dev; training supports SD1, SD2 and SDXL checkpoints in this version"
+    server = Server(webui, "forge", api_only=True, extra=["--ckpt", str(flux)])
+    runs = webui / "outputs" / "lora_trainer"
+    before = sorted(p.name for p in runs.glob("*")) if runs.is_dir() else []
+    try:
+        server.wait_ready()
+        body = {"train_data_dir": str(webui / "outputs" / "suite-data" / "shapes"), "resolution": 64,
+                "min_bucket_reso": 64, "max_train_steps": 2}
+        status, job = call(server.port, "POST", f"{API}/jobs", body)
+        done = wait_job(server.port, job["id"]) if status == 201 else {"state": f"HTTP {status}", **job}
+        r("a run while Flux is not loaded yet fails in one line once the run loads it",
+          done.get("state") == "failed" and done.get("error") == expected, f"{done.get('state')}: {done.get('error')}")
+        _, family = call(server.port, "GET", f"{PROBE}/family")
+        r("Forge really loaded its Flux engine (no is_flux attribute; every is_* flag False)",
+          family["engine"] == "Flux" and family["model_config"] == "Flux" and not any(family["flags"].values()),
+          f"engine {family['engine']}, model_config {family['model_config']}, flags {family['flags']}")
+        r("the Model box names the family Forge detected", "Flux.1-dev: cannot be trained" in family["model_box"],
+          family["model_box"])
+        status, refused = call(server.port, "POST", f"{API}/jobs", body)
+        r("with Flux loaded, a run is refused with 422 before anything starts",
+          status == 422 and refused.get("error") == expected, f"{status}: {refused.get('error')}")
+        r("the model untouched (its tensors still Forge's inference tensors)",
+          family["first_unet_tensor_is_inference"] is True, str(family["first_unet_tensor_is_inference"]))
+        after = sorted(p.name for p in runs.glob("*")) if runs.is_dir() else []
+        r("no run folder left behind", after == before, f"{len(after) - len(before)} new")
+        r("the refusal is in the WebUI's console", expected in server.log.read_text(errors="replace"), "")
+    finally:
+        server.stop()
+
+
 def ui_checks(report: Report, flavour: str, webui: Path) -> None:
     from ui_checks import run_tab_checks
 
@@ -411,6 +452,8 @@ def main(argv=None) -> int:
     report, started = Report(), time.time()
     for flavour, webui in installs.items():
         api_checks(report, flavour, webui)
+        if flavour == "forge":
+            flux_checks(report, webui)
         if not options.skip_ui:
             ui_checks(report, flavour, webui)
     write_report(report, options.report, installs, started)

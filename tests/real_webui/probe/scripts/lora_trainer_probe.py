@@ -2,6 +2,7 @@
 
 GET /lora-trainer-probe/v1/model   the loaded model: a hash of the UNet and text-encoder weights, how many of their
                                    tensors require grad, the Model box of the Train LoRA tab
+GET /lora-trainer-probe/v1/family  the loaded model's engine, huggingface_guess class, is_* flags and Model box
 GET /lora-trainer-probe/v1/lora    A1111: the LoRA modules its Lora extension matched at the last generation;
        ?file=PATH                  Forge: the keys of PATH its LoRA loader matches against the loaded model
 Never installed for users; the suite copies it into extensions/ next to the extension under test.
@@ -47,6 +48,18 @@ def on_app_started(_demo, app):
                            if not p.requires_grad][:5],
                 "model_box": describe_model(sd_models.model_data, shared.opts.data.get("sd_model_checkpoint")),
                 "checkpoint": str(getattr(getattr(model, "sd_checkpoint_info", None), "title", ""))}
+
+    @app.get("/lora-trainer-probe/v1/family")
+    def family():  # cheap: no hashing (a Flux model holds 16 billion values, shared between its blocks)
+        from lora_trainer.webui_host import describe_model
+
+        model = sd_models.model_data.sd_model
+        first = next(iter(model.forge_objects.unet.model.parameters())) if getattr(model, "forge_objects", None) \
+            else None
+        return {"engine": type(model).__name__, "model_config": type(getattr(model, "model_config", None)).__name__,
+                "flags": {f: getattr(model, f, None) for f in ("is_sd1", "is_sd2", "is_sdxl", "is_sd3", "is_flux")},
+                "model_box": describe_model(sd_models.model_data, shared.opts.data.get("sd_model_checkpoint")),
+                "first_unet_tensor_is_inference": None if first is None else first.is_inference()}
 
     @app.get("/lora-trainer-probe/v1/lora")
     def lora_matches(file: str = ""):
