@@ -56,11 +56,16 @@ class Processes:
             return
         params = [p for p in parameters if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        # One more number per parameter: how many processes gave it a gradient. A parameter none of them used keeps
+        # grad None, as in one process (AdamW then leaves it alone, weight decay included).
+        present = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype,
+                               device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [present])
         _collective(torch.distributed.all_reduce, flat)
         offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            used = flat[len(flat) - len(params) + i] > 0
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone() if used else None
             offset += g.numel()
 
     def sum(self, value: float, device: torch.device) -> float:

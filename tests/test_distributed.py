@@ -96,7 +96,9 @@ def test_a_killed_process_ends_the_run_in_one_line_and_it_resumes_bit_identicall
     deadline = time.time() + 600
     while not (run_dir / "checkpoints" / "checkpoint-000008").is_dir() and time.time() < deadline:
         time.sleep(0.05)
-    rank1 = [pid for pid in _children(victim.pid) if "RANK=1" in _environ(pid)]
+    rank1 = []
+    while not rank1 and time.time() < deadline:
+        rank1 = [pid for pid in _children(victim.pid) if "\nRANK=1\n" in f"\n{_environ(pid)}\n"]
     assert rank1, "rank 1 not found"
     os.kill(rank1[0], signal.SIGKILL)
     out, _ = victim.communicate(timeout=120)
@@ -120,10 +122,13 @@ def _children(pid: int) -> list:
     found, todo = [], [pid]
     while todo:
         parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                found.append(int(child))
-                todo.append(int(child))
+        try:  # a process can end while it is listed
+            children = [int(c) for task in Path(f"/proc/{parent}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        found += children
+        todo += children
     return found
 
 
