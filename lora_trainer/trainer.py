@@ -116,8 +116,8 @@ class _TextConditioning:
                 mine[key] = _select(encoded, j)
         if self.processes.parallel:
             device = self.backbone.device
-            shared = self.processes.gather({k: _to_device(v, torch.device("cpu")) for k, v in mine.items()})
-            mine = {k: _to_device(v, device) for k, v in shared.items()}
+            shared = self.processes.gather({k: _to(v, torch.device("cpu")) for k, v in mine.items()})
+            mine = {k: _to(v, device) for k, v in shared.items()}
         self.store.update(mine)
 
     def cached(self, caption: str, size: Tuple[int, int]):
@@ -144,16 +144,11 @@ def _stack(items: List):
     return torch.stack(items)
 
 
-def _to_device(cond, device: torch.device):
+def _to(cond, dtype_or_device):
+    """Conditioning (a tensor, or SDXL's dict of tensors) in another dtype or on another device."""
     if isinstance(cond, dict):
-        return {k: v.to(device) for k, v in cond.items()}
-    return cond.to(device)
-
-
-def _to(cond, dtype: torch.dtype):
-    if isinstance(cond, dict):
-        return {k: v.to(dtype) for k, v in cond.items()}
-    return cond.to(dtype)
+        return {k: v.to(dtype_or_device) for k, v in cond.items()}
+    return cond.to(dtype_or_device)
 
 
 class _Loop(LoopBase):

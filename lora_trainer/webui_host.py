@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import ContextManager, Optional
 
-from .backbones.base import Backbone
+from .backbones.base import Backbone, UnsupportedFamily
 from .config import TrainConfig
 from .errors import ModelError
 from .events import Progress
@@ -48,8 +48,8 @@ def describe_model(model_data, selected: Optional[str]) -> str:
         return f"{name} (loads when training starts)"
     try:
         return f"{name} ({model_family(model).upper()})"
-    except ModelError as exc:
-        return f"{name} ({str(exc).split('; ')[0].replace('the loaded checkpoint is ', '')}: cannot be trained)"
+    except UnsupportedFamily as exc:
+        return f"{name} ({exc.name}: cannot be trained)"
 
 
 def model_family(sd_model) -> str:

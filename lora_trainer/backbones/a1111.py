@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .base import SUPPORTED, FrozenModels, Size
+from .base import FrozenModels, Size, UnsupportedFamily
 from .checkpointing import checkpointed, native_checkpointing_off
 from .open_clip_text import OpenClipText
 from .original_unet import (
@@ -55,7 +55,7 @@ def _trainable(embedders) -> Iterator[None]:
 
 def detect_family(sd_model) -> str:
     if getattr(sd_model, "is_sd3", False):
-        raise ModelError(f"the loaded checkpoint is SD3; {SUPPORTED}")
+        raise UnsupportedFamily("SD3")
     if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
         return "sdxl"
     cond = sd_model.cond_stage_model

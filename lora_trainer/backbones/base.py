@@ -13,7 +13,17 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Un
 import torch
 from torch import nn
 
+from ..errors import ModelError
+
 SUPPORTED = "training supports SD1, SD2 and SDXL checkpoints in this version"  # said when refusing any other family
+
+
+class UnsupportedFamily(ModelError):
+    """The loaded model is a family training does not support; ``name`` says which (the Model box shows it)."""
+
+    def __init__(self, name: str, detail: str = ""):
+        self.name = name
+        super().__init__(f"the loaded checkpoint is {name}; {SUPPORTED}{detail}")
 
 # SD1/SD2: a tensor [B, 77*k, dim]. SDXL: a dict of tensors, whose keys only the backbone reads
 # (sgm: {"crossattn": [B, 77*k, 2048], "vector": [B, 2816]}; diffusers: crossattn, text_embeds, time_ids).

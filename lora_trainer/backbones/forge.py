@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .base import SUPPORTED, FrozenModels, Size
+from .base import FrozenModels, Size, UnsupportedFamily
 from .checkpointing import checkpointed, native_checkpointing_off, norm_inputs_copied
 from .original_unet import (
     SamplingFallback,
@@ -66,10 +66,9 @@ def forge_family(sd_model) -> str:
     flags = {"sd1": "is_sd1", "sd2": "is_sd2", "sdxl": "is_sdxl"}
     if family is None or not getattr(sd_model, flags[family], False):
         name = GUESS_NAMES.get(guess) or (guess if guess != "NoneType" else type(sd_model).__name__)
-        raise ModelError(f"the loaded checkpoint is {name}; {SUPPORTED}")
+        raise UnsupportedFamily(name)
     if getattr(sd_model, "is_inpaint", False):
-        raise ModelError(f"the loaded checkpoint is an inpainting {family.upper()} model; {SUPPORTED}, not inpainting "
-                         "ones")
+        raise UnsupportedFamily(f"an inpainting {family.upper()} model", ", not inpainting ones")
     return family
 
 

@@ -265,7 +265,7 @@ def api_checks(report: Report, flavour: str, webui: Path) -> None:
           f"{done['state']} at step {done['step']}/{done['total_steps']}; {done.get('error') or ''}")
         if done["state"] != "finished":
             return
-        elapsed = done["log"]
+        log_lines = done["log"]
         train_s = finished_at - (last_step_at[0] or finished_at)
         r("txt2img sent during training waits for it, then matches the image before training",
           during.get("image") == before_image and during.get("at", 0) >= (last_step_at[0] or 0),
@@ -273,7 +273,7 @@ def api_checks(report: Report, flavour: str, webui: Path) -> None:
           f"{during.get('image') == before_image}")
         r("after the last step: bounded, and its phases shown in the job and the WebUI's progress",
           train_s < 60 and phases and textinfo, f"{train_s:.1f} s from the last step to finished; phases seen "
-          f"{phases}; WebUI progress {textinfo}; {[line[9:] for line in elapsed if 'fixed-batch' in line][-1:]}")
+          f"{phases}; WebUI progress {textinfo}; {[line[9:] for line in log_lines if 'fixed-batch' in line][-1:]}")
         _, after = call(port, "GET", f"{PROBE}/model")
         r("model weights bit-identical after training", (after["unet_hash"], after["text_hash"]) ==
           (before["unet_hash"], before["text_hash"]), f"UNet {after['unet_hash']}, text {after['text_hash']}")
