@@ -349,3 +349,16 @@ def test_downloads_of_a_run(tmp_path):
         c.downloads.run_zip(str(run / ".." / ".." / "elsewhere"))
     with pytest.raises(UserError, match="no run to download"):
         c.downloads.run_zip("")
+
+
+def test_the_advanced_panel_groups_every_option_once_by_the_configs_sections():
+    from lora_trainer.config import FIELDS
+    from lora_trainer.ui.fields import advanced_groups
+
+    groups = dict(advanced_groups())
+    names = [n for fields in groups.values() for n in fields]
+    assert sorted(names) == sorted(ADVANCED_FIELDS) and len(names) == len(set(names))
+    assert list(groups)[:5] == ["Model", "Data", "Network", "Optimizer", "Noise and loss"]
+    assert {"noise_offset", "min_snr_gamma"} <= set(groups["Noise and loss"])
+    assert {"final_check", "sample_at_end"} <= set(groups["Sampling and the final check"])
+    assert all(FIELDS[n].metadata["help"] for n in names)  # each field shows its help text
