@@ -16,8 +16,9 @@ def split_tags(text: str) -> list[str]:
 
 
 def build_caption(raw: str, *, trigger_word: str = "", prefix: str = "", shuffle: bool = False,
-                  keep_tokens: int = 0, dropout_rate: float = 0.0, rng: random.Random) -> str:
-    """The prompt for one step: trigger word, prefix tags, then the caption's tags (maybe shuffled or dropped)."""
+                  keep_tokens: int = 0, dropout_rate: float = 0.0, rng: random.Random, suffix: str = "") -> str:
+    """The prompt for one step: trigger word, prefix tags, the caption's tags (maybe shuffled or dropped), then the
+    suffix tags (kohya's caption_suffix; never shuffled)."""
     trigger = trigger_word.strip()
     tags = split_tags(raw)
     keep = max(0, keep_tokens)
@@ -32,7 +33,7 @@ def build_caption(raw: str, *, trigger_word: str = "", prefix: str = "", shuffle
         tags = tags[:keep] + tail
     if dropped:
         return trigger
-    return ", ".join(([trigger] if trigger else []) + split_tags(prefix) + tags)
+    return ", ".join(([trigger] if trigger else []) + split_tags(prefix) + tags + split_tags(suffix))
 
 
 def tag_counts(captions: Iterable[str]) -> dict[str, int]:

@@ -44,9 +44,11 @@ DEPRECATED_KEYS = {
 
 
 def option(default: Any, section: str, help: str, *, choices: tuple = (), min: float | None = None,
-           max: float | None = None, runtime: bool = False) -> Any:
-    """A config field with its help text and limits kept beside it (as peft does)."""
-    meta = {"section": section, "help": help, "choices": choices, "min": min, "max": max, "runtime": runtime}
+           max: float | None = None, runtime: bool = False, item: str = "text") -> Any:
+    """A config field with its help text and limits kept beside it (as peft does); ``item`` is what a list holds
+    (text, or a mapping of options)."""
+    meta = {"section": section, "help": help, "choices": choices, "min": min, "max": max, "runtime": runtime,
+            "item": item}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,6 +100,38 @@ class TrainConfig:
     trigger_word: str = option("", "data", "Word put first in every caption (and into name.json's activation text).")
     caption_prefix: str = option("", "data", "Text put before every caption (after the trigger word).")
     cache_latents: bool = option(True, "data", "Encode each image once before training (much faster).")
+    cache_latents_to_disk: bool = option(
+        False, "data", "Keep the encoded latents (and masks) in files under cache_dir instead of memory: memory stays "
+        "flat with dataset size, and later runs and resumes reuse them. A changed image, resolution, bucket or "
+        "model encodes again.")
+    cache_text_encoder_outputs_to_disk: bool = option(
+        False, "data", "Keep the text encoder's outputs per caption in files under cache_dir (only when captions do "
+        "not change between steps and the text encoder is not trained).")
+    cache_dir: str = option("", "data", "Folder of the disk caches; empty: <output_dir>/.cache.")
+    reg_data_dir: str = option(
+        "", "data", "Folder of regularization (class) images for DreamBooth-style prior preservation "
+        "(sub-folders named like 1_person repeat). Each epoch sees as many regularization images as training images, "
+        "as kohya does; their loss is weighted by prior_loss_weight.")
+    subsets: list = option(
+        [], "data", "Several image folders in one run: a list of mappings, each with image_dir and any of num_repeats, "
+        "is_reg, class_tokens (the caption of images that have none), caption_extension, metadata_file, "
+        "trigger_word, caption_prefix, caption_suffix, shuffle_caption, keep_tokens, caption_dropout_rate, flip_aug, "
+        "alpha_mask, mask_dir (kohya's [[datasets.subsets]] keys); unset keys take the values above. Used instead of "
+        "train_data_dir and reg_data_dir.", item="mapping")
+    dataset_config: str = option(
+        "", "data", "A kohya dataset config (.toml or .json with [general], [[datasets]] and [[datasets.subsets]]), "
+        "used as it is: it replaces train_data_dir, reg_data_dir and subsets, and its values override the options "
+        "here, as in kohya.")
+    masked_loss: bool = option(
+        False, "data", "Weight the loss per pixel by a mask: white trains, black is ignored. The mask is the image "
+        "of the same name in mask_dir, else the image's alpha channel.")
+    mask_dir: str = option("", "data", "Folder of mask images named like the training images (with masked_loss).")
+    alpha_mask: bool = option(False, "data", "Use each image's alpha channel as its loss mask (kohya's alpha_mask).")
+    validation_split: float = option(
+        0.0, "data", "Share of the training images held out to measure validation loss (chosen with the seed; "
+        "0 = none).", min=0.0, max=0.9)
+    validation_data_dir: str = option("", "data", "A folder of validation images (with captions), instead of or "
+                                      "beside validation_split.")
     max_seq_length: int = option(512, "data", "text-generation: tokens per training sequence.", min=8, max=1_000_000)
     # -- network -------------------------------------------------------------------------------
     network: str = option(
@@ -153,6 +187,20 @@ class TrainConfig:
                                  min=0.0, max=1.0)
     min_snr_gamma: float = option(0.0, "optim", "Min-SNR loss weighting gamma (5 is usual; 0 = off).",
                                   min=0.0, max=100.0)
+    loss_type: str = option(
+        "l2", "optim", "Loss between prediction and target: l2 (squared error), l1, huber or smooth_l1 (robust to "
+        "outliers; see huber_c and huber_schedule).", choices=("l2", "l1", "huber", "smooth_l1"))
+    huber_c: float = option(0.1, "optim", "Threshold of the huber and smooth_l1 losses.", min=0.0001, max=10.0)
+    huber_schedule: str = option(
+        "snr", "optim", "How huber_c changes with the timestep: snr (larger where the noise is low), exponential, "
+        "or constant.", choices=("snr", "exponential", "constant"))
+    min_timestep: int = option(0, "optim", "Smallest diffusion timestep trained (0-999).", min=0, max=999)
+    max_timestep: int = option(1000, "optim", "Train timesteps below this (1-1000).", min=1, max=1000)
+    debiased_estimation_loss: bool = option(False, "optim", "Weight the loss by 1/sqrt(SNR) (debiased estimation; "
+                                            "1/(SNR+1) for v-prediction).")
+    zero_terminal_snr: bool = option(False, "optim", "Rescale the noise schedule so the last timestep is pure noise "
+                                     "(Lin et al. 2023; meant for v-prediction models).")
+    prior_loss_weight: float = option(1.0, "optim", "Loss weight of the regularization images.", min=0.0, max=100.0)
     scale_weight_norms: float = option(0.0, "optim", "lora/locon: after each step, scale down every layer whose "
                                        "change (up @ down * alpha/rank) has a norm above this (1 is usual; 0 = off).",
                                        min=0.0, max=100.0)
@@ -186,6 +234,11 @@ class TrainConfig:
                               min=0, max=2**31 - 1)
     sample_at_end: bool = option(True, "sample", "Render sample_prompts once more after the last step (the first "
                                  "image becomes name.preview.png, the WebUI's card picture).")
+    validate_every_n_steps: int = option(
+        0, "sample", "Compute the validation loss every N steps (0 = at the end of each epoch); needs "
+        "validation_split or validation_data_dir.", min=0, max=10_000_000)
+    validation_seed: Optional[int] = option(None, "sample", "Seed of the validation split, noise and timesteps. "
+                                            "Empty: seed.", min=0, max=2**31 - 1)
     final_check: str = option("quick", "sample", "Does-it-work check after the last step: quick (the fixed-batch "
                               "loss with and without the LoRA, 8 UNet passes, and its weights checked), full (also a "
                               "strength sweep image at 6 weights, strength_sweep.png) or off.",
@@ -198,6 +251,10 @@ class TrainConfig:
     preferred_weight: float = option(0.7, "output", "Weight written to name.json for the WebUI's <lora:name:w>.",
                                      min=0.0, max=2.0)
     description: str = option("", "output", "Description written to name.json and the file's metadata.")
+    log_with: str = option("none", "output", "tensorboard: also write TensorBoard event files (loss, lr, validation "
+                           "loss) as training goes; needs the tensorboard package.", choices=("none", "tensorboard"))
+    logging_dir: str = option("", "output", "Where TensorBoard logs go (one sub-folder per run); empty: the run "
+                              "folder's tensorboard/.")
     # -- runtime (never saved with the run) -----------------------------------------------------
     device: str = option("auto", "runtime", "auto, cpu, cuda or cuda:N.", runtime=True)
     resume: str = option("", "runtime", "Run folder to resume from its last checkpoint.", runtime=True)
@@ -234,7 +291,8 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(include_runtime=True), **changes})
 
     def _check_combinations(self, source: str) -> None:
-        missing = [k for k in ("base_model", "train_data_dir") if not getattr(self, k)]
+        required = ("base_model",) if self.subsets or self.dataset_config else ("base_model", "train_data_dir")
+        missing = [k for k in required if not getattr(self, k)]
         if missing:
             raise ConfigError(f"{source}: '{missing[0]}' is required (set it in the YAML file or with --{missing[0]})")
         if self.min_bucket_reso > self.max_bucket_reso:
@@ -263,6 +321,15 @@ class TrainConfig:
         if self.output_name and not is_safe_name(self.output_name):
             raise ConfigError(f"{source}: 'output_name' {self.output_name!r} must be a plain file name: letters, "
                               "digits, spaces, '-', '_' or '.', without '/', '\\' or '..'")
+        if self.min_timestep >= self.max_timestep:
+            raise ConfigError(f"{source}: min_timestep ({self.min_timestep}) must be below max_timestep "
+                              f"({self.max_timestep})")
+        if self.validate_every_n_steps and not (self.validation_split or self.validation_data_dir):
+            logger.warning("validate_every_n_steps=%d has no effect without validation_split or validation_data_dir",
+                           self.validate_every_n_steps)
+        if self.huber_schedule != "snr" or self.huber_c != 0.1:
+            if self.loss_type not in ("huber", "smooth_l1"):
+                logger.warning("huber_c and huber_schedule have no effect with loss_type %s", self.loss_type)
         if any(not isinstance(p, str) for p in self.sample_prompts):
             raise ConfigError(f"{source}: 'sample_prompts' must be a list of strings")
 
@@ -402,7 +469,14 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        out = [str(v) for v in value]
+        if meta["item"] == "mapping":
+            bad = next((i for i, v in enumerate(value) if not isinstance(v, dict)), None)
+            if bad is not None:
+                raise ConfigError(f"{where} must be a list of mappings (image_dir: ..., num_repeats: ...); item "
+                                  f"{bad + 1} is {value[bad]!r}")
+            out = [dict(v) for v in value]
+        else:
+            out = [str(v) for v in value]
     else:  # pragma: no cover - a new field type needs a branch here
         raise TypeError(f"no coercion for {name}: {kind}")
     if meta["choices"] and out not in meta["choices"]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .captions import tag_counts
 from .errors import DatasetError
-from .images import image_size
+from .images import image_size, load_image
 
 logger = logging.getLogger("lora_trainer")
 
@@ -37,6 +37,8 @@ class ImageRecord:
     width: int  # after EXIF orientation
     height: int
     subset: str  # sub-folder name ("10_brand"), or the root folder's name for images in the root
+    source: int = 0  # which of the run's folders (dataset_layout.Subset) it comes from
+    role: str = "train"  # train, reg (regularization) or val (validation only)
 
 
 @dataclass
@@ -46,38 +48,47 @@ class DatasetScan:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
     caption_source: str = ".txt"  # "metadata.csv", "metadata.jsonl" or the sidecar extension
 
+    def of_role(self, role: str) -> list[ImageRecord]:
+        return [r for r in self.records if r.role == role]
+
     def num_images(self) -> int:
-        return len(self.records)
+        """Training images (not regularization or validation ones)."""
+        return len(self.of_role("train"))
 
     def num_samples(self) -> int:
-        """Images seen per epoch, repeats included."""
-        return sum(r.repeats for r in self.records)
+        """Training images seen per epoch, repeats included."""
+        return sum(r.repeats for r in self.of_role("train"))
 
     def missing_captions(self) -> list[Path]:
         return [r.path for r in self.records if not r.caption]
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """{subset: {tag: count}}, kohya's ``ss_tag_frequency``."""
-        return {name: tag_counts(r.caption for r in records) for name, records in self._subsets().items()}
+        """{subset: {tag: count}} of the training images, kohya's ``ss_tag_frequency``."""
+        return {name: tag_counts(r.caption for r in records) for name, records in self._subsets("train").items()}
 
-    def dataset_dirs(self) -> dict[str, dict[str, int]]:
-        """{subset: {"n_repeats", "img_count"}}, kohya's ``ss_dataset_dirs``."""
+    def dataset_dirs(self, role: str = "train") -> dict[str, dict[str, int]]:
+        """{subset: {"n_repeats", "img_count"}}, kohya's ``ss_dataset_dirs`` (``ss_reg_dataset_dirs`` for reg)."""
         return {name: {"n_repeats": records[0].repeats, "img_count": len(records)}
-                for name, records in self._subsets().items()}
+                for name, records in self._subsets(role).items()}
 
-    def _subsets(self) -> dict[str, list[ImageRecord]]:
+    def _subsets(self, role: str) -> dict[str, list[ImageRecord]]:
         out: dict[str, list[ImageRecord]] = {}
-        for record in self.records:
+        for record in self.of_role(role):
             out.setdefault(record.subset, []).append(record)
         return out
 
 
 def scan_dataset(train_data_dir: str, metadata_path: str = "", caption_extension: str = ".txt",
-                 repeats: int = 1) -> DatasetScan:
-    """Find the images of ``train_data_dir`` with captions, repeats and sizes; raise DatasetError if unusable."""
+                 repeats: int = 1, *, class_tokens: str = "", folder_repeats: bool = True, verify: bool = False,
+                 what: str = "train_data_dir") -> DatasetScan:
+    """Find the images of ``train_data_dir`` with captions, repeats and sizes; raise DatasetError if unusable.
+
+    ``class_tokens`` is the caption of an image that has none (kohya's subsets); ``folder_repeats`` lets 10_name
+    sub-folders set repeats; ``verify`` decodes every image now, so a damaged or partly downloaded file is skipped by
+    name instead of stopping the run when its turn comes."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    root = _check_root(train_data_dir)
+    root = _check_root(train_data_dir, what)
     images = find_images(root)
     if not images:
         raise DatasetError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files in the "
@@ -87,16 +98,18 @@ def scan_dataset(train_data_dir: str, metadata_path: str = "", caption_extension
     captions, source, skipped = _find_captions(root, keys, meta_file, caption_extension)
 
     records, unreadable = [], []
-    for name in images:
+    sizes = _read_sizes([root / name for name in images], verify)
+    for name, size in zip(images, sizes):
         path = root / name
-        try:
-            width, height = image_size(path)
-        except DatasetError as exc:
-            unreadable.append(name)
-            skipped.append((path, str(exc).replace(f"{path}: ", "", 1)))
+        if isinstance(size, DatasetError):
+            reason = str(size).replace(f"{path}: ", "", 1).replace("cannot be read as an image (", "", 1).rstrip(")")
+            unreadable.append(f"{name} ({reason})")
+            skipped.append((path, str(size).replace(f"{path}: ", "", 1)))
             continue
-        subset, count = _subset_of(name, root, repeats)
-        records.append(ImageRecord(path, captions.get(keys[name], ""), count, width, height, subset))
+        subset, count = _subset_of(name, root, repeats) if folder_repeats else (_folder_name(name, root), repeats)
+        fallback = class_tokens.strip() or (_folder_class(name) if folder_repeats else "")
+        caption = captions.get(keys[name], "") or fallback
+        records.append(ImageRecord(path, caption, count, size[0], size[1], subset))
     if unreadable:
         logger.warning("skipping %d unreadable image(s) in %s: %s", len(unreadable), root, _names(unreadable))
     if not records:
@@ -110,16 +123,35 @@ def scan_dataset(train_data_dir: str, metadata_path: str = "", caption_extension
     return scan
 
 
+def _read_sizes(paths: list[Path], verify: bool) -> list:
+    """Each image's (width, height), or the DatasetError that says why it cannot be used. With ``verify`` every image
+    is decoded (in threads: PIL releases the GIL while decoding), which is the only way to find a truncated file."""
+    def one(path: Path):
+        try:
+            if verify:
+                load_image(path)
+            return image_size(path)
+        except DatasetError as exc:
+            return exc
+
+    if not verify or len(paths) < 8:
+        return [one(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, paths))
+
+
 # -- folder layout -----------------------------------------------------------------------------
 
-def _check_root(train_data_dir: str) -> Path:
+def _check_root(train_data_dir: str, what: str = "train_data_dir") -> Path:
     if not str(train_data_dir).strip():
-        raise DatasetError("train_data_dir is not set: give the folder of training images")
+        raise DatasetError(f"{what} is not set: give the folder of training images")
     root = Path(train_data_dir).expanduser()
     if not root.exists():
-        raise DatasetError(f"dataset folder {root} does not exist; check train_data_dir")
+        raise DatasetError(f"dataset folder {root} does not exist; check {what}")
     if not root.is_dir():
-        raise DatasetError(f"{root} is a file; train_data_dir must be a folder of images")
+        raise DatasetError(f"{root} is a file; {what} must be a folder of images")
     return root.resolve()
 
 
@@ -151,6 +183,16 @@ def _is_image(path: Path) -> bool:
     return not _hidden(path.name) and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
+def _folder_class(name: str) -> str:
+    """kohya's DreamBooth rule: an image without a caption in a ``10_sks dog`` folder is captioned "sks dog"."""
+    match = _REPEATS_DIR.match(name.split("/", 1)[0]) if "/" in name else None
+    return match.group(2).strip() if match else ""
+
+
+def _folder_name(name: str, root: Path) -> str:
+    return name.split("/", 1)[0] if "/" in name else root.name
+
+
 def _subset_of(name: str, root: Path, default_repeats: int) -> tuple[str, int]:
     if "/" not in name:
         return root.name, default_repeats
@@ -168,8 +210,9 @@ def _metadata_file(root: Path, metadata_path: str) -> Path | None:
         path = Path(metadata_path).expanduser()  # relative to the working folder, like any CLI path
         if not path.is_file():
             raise DatasetError(f"metadata file {path} does not exist; check metadata_path")
-        if path.suffix.lower() not in (".csv", ".jsonl"):
-            raise DatasetError(f"{path}: metadata must be a .csv (filename,prompt) or .jsonl (file_name,text) file")
+        if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+            raise DatasetError(f"{path}: metadata must be a .csv (filename,prompt), .jsonl (file_name,text) or kohya "
+                               ".json file")
         return path
     for name in ("metadata.csv", "metadata.jsonl"):
         if (root / name).is_file():
@@ -184,13 +227,41 @@ def _find_captions(root: Path, keys: dict[str, str], meta_file: Path | None,
         ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
         captions = {key: text for name, key in keys.items() if (text := read_sidecar(root / name, ext)) is not None}
         return captions, ext, []
-    source = "metadata.jsonl" if meta_file.suffix.lower() == ".jsonl" else "metadata.csv"
-    captions = _read_metadata(meta_file)
+    suffix = meta_file.suffix.lower()
+    source = {".jsonl": "metadata.jsonl", ".json": meta_file.name}.get(suffix, "metadata.csv")
+    captions = _read_kohya_json(meta_file, root, keys) if suffix == ".json" else _read_metadata(meta_file)
     absent = sorted(set(captions) - set(keys.values()))
     if absent:
         logger.warning("%s: %d listed image(s) not found in %s, skipped: %s",
                        meta_file, len(absent), root, _names(absent))
     return captions, source, [(root / name, _absent_reason(root / name, meta_file)) for name in absent]
+
+
+def _read_kohya_json(path: Path, root: Path, keys: dict[str, str]) -> dict[str, str]:
+    """kohya's fine-tuning metadata ({image: {"caption": ..., "tags": ...}}) as {normalized name: caption}. kohya keys
+    an image by its full path or by its name without extension; both are matched to the folder's images."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f'{path}: expected kohya\'s metadata, {{"image": {{"caption": "...", "tags": "..."}}}}')
+    by_stem = {normalize_name(k).rsplit(".", 1)[0]: k for k in keys.values()}
+    captions: dict[str, str] = {}
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{path}: the entry of {name!r} must be an object with caption and/or tags")
+        text = ", ".join(str(entry[k]).strip() for k in ("caption", "tags") if str(entry.get(k) or "").strip())
+        key = normalize_name(str(name))
+        if Path(key).is_absolute():
+            try:
+                key = normalize_name(Path(key).relative_to(root).as_posix())
+            except ValueError:
+                key = Path(key).name
+        captions[by_stem.get(key, key)] = text
+    return captions
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

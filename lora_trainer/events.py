@@ -34,6 +34,7 @@ class Progress:
     it_per_s: float
     eta_s: float
     elapsed_s: float
+    val_loss: Optional[float] = None  # at the steps the validation loss was computed
 
 
 @dataclass(frozen=True)

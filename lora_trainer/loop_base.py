@@ -53,6 +53,10 @@ class LoopBase:
     def _after_step(self, step: int) -> None:
         """Periodic work after an optimizer step (samples); nothing by default."""
 
+    def _step_metrics(self, step: int) -> Dict[str, float]:
+        """Extra numbers for step ``step``'s metrics row (the image loop's validation loss); none by default."""
+        return {}
+
     # -- the loop --------------------------------------------------------------------------------
     def _train_steps(self, start_step: int) -> int:
         try:
@@ -108,14 +112,21 @@ class LoopBase:
         self.losses.append(loss)
         seconds_per_step = sum(self.step_times) / len(self.step_times)
         lr = self.scheduler.get_last_lr()[0]
+        extra = self._step_metrics(step)
         event = Progress(step=step, total_steps=self.plan.total_steps, epoch=self.plan.epoch_of_step(step),
                          loss=loss, avg_loss=sum(self.losses) / len(self.losses), lr=lr,
                          it_per_s=1.0 / seconds_per_step if seconds_per_step else 0.0,
-                         eta_s=seconds_per_step * (self.plan.total_steps - step), elapsed_s=elapsed)
+                         eta_s=seconds_per_step * (self.plan.total_steps - step), elapsed_s=elapsed,
+                         val_loss=extra.get("val_loss"))
         if self.processes.is_main:
+            val = "" if event.val_loss is None else f"{event.val_loss:.6f}"
             self.run_folder.append_metrics([{
                 "step": step, "epoch": event.epoch, "loss": f"{loss:.6f}", "avg_loss": f"{event.avg_loss:.6f}",
-                "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}"}])
+                "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}", "val_loss": val}])
+            tensorboard = getattr(self, "tensorboard", None)
+            if tensorboard is not None:
+                tensorboard.scalars(step, {"loss/train": loss, "loss/average": event.avg_loss, "lr": lr,
+                                           "loss/validation": event.val_loss})
         self.events.emit(event)
 
     # -- checkpoints -----------------------------------------------------------------------------

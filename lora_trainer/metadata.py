@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .config import TrainConfig
@@ -46,6 +46,11 @@ class RunFacts:
     started_at: float
     session_id: str = ""
     processes: int = 1  # data-parallel processes, each with batch_size images per micro-batch
+    num_reg_images: int = 0
+    reg_dataset_dirs: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    num_validation_images: int = 0
+    datasets: Optional[list] = None  # kohya's ss_datasets, for runs of several folders
+    masked_loss: bool = False  # some image's loss is weighted by a mask
 
 
 def new_session_id() -> str:
@@ -131,6 +136,25 @@ def lora_metadata(config: TrainConfig, facts: RunFacts, step: int, epoch: int, r
         "modelspec.trigger_phrase": ", ".join(trigger_words(config)),
         "modelspec.description": config.description,
     }
+    meta.update({
+        "ss_num_reg_images": str(facts.num_reg_images),
+        "ss_reg_dataset_dirs": json.dumps(facts.reg_dataset_dirs, ensure_ascii=False),
+        "ss_prior_loss_weight": _num(config.prior_loss_weight),
+        "ss_num_validation_images": str(facts.num_validation_images),
+        "ss_validation_split": _num(config.validation_split),
+        "ss_validate_every_n_steps": str(config.validate_every_n_steps or "None"),
+        "ss_validation_seed": str(config.seed if config.validation_seed is None else config.validation_seed),
+        "ss_loss_type": config.loss_type,
+        "ss_huber_c": _num(config.huber_c),
+        "ss_huber_schedule": config.huber_schedule,
+        "ss_min_timestep": str(config.min_timestep),
+        "ss_max_timestep": str(config.max_timestep),
+        "ss_debiased_estimation": str(config.debiased_estimation_loss),
+        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
+        "ss_masked_loss": str(facts.masked_loss),
+    })
+    if facts.datasets is not None:
+        meta["ss_datasets"] = json.dumps(facts.datasets, ensure_ascii=False)
     if facts.model_hash:
         meta["ss_sd_model_hash"] = facts.model_hash
     if config.init_lora:

@@ -21,7 +21,7 @@ from .files import new_run_dir, storage_error, write_atomic, write_bytes_atomic,
 
 logger = logging.getLogger("lora_trainer")
 
-METRICS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "seconds")
+METRICS_COLUMNS = ("step", "epoch", "loss", "avg_loss", "lr", "it_per_s", "seconds", "val_loss")
 _START_FILES = {"config.yaml", "train.log"}  # all a run folder holds before its first step
 
 
@@ -143,6 +143,10 @@ class RunFolder:
         with open(self.metrics_path, newline="", encoding="utf-8") as fh:
             return [row for row in csv.DictReader(fh)]
 
+    def _metrics_header(self) -> List[str]:
+        with open(self.metrics_path, newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), [])
+
     def truncate_metrics(self, last_step: int) -> None:
         """Drop rows after ``last_step`` (written by a run that died after its last checkpoint)."""
         rows = [r for r in self.read_metrics() if int(r["step"]) <= last_step]
@@ -150,6 +154,8 @@ class RunFolder:
 
     def append_metrics(self, rows: Sequence[dict]) -> None:
         new_file = not self.metrics_path.is_file()
+        if not new_file and self._metrics_header() != list(METRICS_COLUMNS):  # written by an older version
+            self._write_metrics(self.read_metrics())
         try:
             with open(self.metrics_path, "a", newline="", encoding="utf-8") as fh:
                 writer = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS)
@@ -169,7 +175,9 @@ class RunFolder:
     # -- results -------------------------------------------------------------------------------
     def write_chart(self) -> None:
         rows = self.read_metrics()
-        image = loss_chart([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], title=f"{self.name} loss")
+        validation = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+        image = loss_chart([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], title=f"{self.name} loss",
+                           validation=validation)
         write_atomic(self.chart_path, lambda tmp: image.save(tmp, format="PNG"))
 
     def write_sidecar(self, content: dict) -> None:

@@ -20,6 +20,7 @@ from .distributed import SINGLE, Processes
 from .errors import ModelError, UserError
 from .events import EventBus, Failed, StopRequest
 from .run_folder import RunFolder
+from .tensorboard_log import require_tensorboard
 from .trainer import TrainResult, train
 from .training_data import PreparedData, prepare_data
 
@@ -45,6 +46,8 @@ def check_before_start(config: TrainConfig, processes: int = 1) -> CheckedInput:
     with _remembered_logs() as scan_log:
         data = prepare_data(config, processes)
     check_init_lora(config)
+    if config.log_with == "tensorboard":
+        require_tensorboard()
     return CheckedInput(data, scan_log)
 
 
