@@ -51,6 +51,23 @@ class PathRules:
         return path
 
 
+# Paths a request may name besides train_data_dir: each must lie in the allowed folders (cache_dir and logging_dir
+# are written to).
+PATH_KEYS = ("metadata_path", "init_lora", "reg_data_dir", "validation_data_dir", "mask_dir", "dataset_config",
+             "cache_dir", "logging_dir")
+
+
+def _check_layout_paths(config: TrainConfig, rules: PathRules) -> None:
+    """Every folder and file the run will read, also those named inside ``subsets`` or a kohya dataset config."""
+    from .dataset_layout import build_layout
+
+    for n, subset in enumerate(build_layout(config).subsets):
+        for what, value in (("image_dir", subset.image_dir), ("metadata_file", subset.metadata_path),
+                            ("mask_dir", "" if subset.mask == "alpha" else subset.mask)):
+            if value:
+                rules.check(value, f"subsets[{n}].{what}" if config.subsets or config.dataset_config else what)
+
+
 def parse_credentials(api_auth: Optional[str]) -> Dict[str, str]:
     """``user:pass,user2:pass2`` (A1111's --api-auth format) -> {user: password}."""
     if not api_auth:
@@ -170,17 +187,20 @@ def build_router(host: Union[Host, Callable[[], Host]], rules: PathRules,
                 folder_name = f"{name or 'upload'}-{secrets.token_hex(4)}"
                 uploaded = _write_uploaded_images(images, rules.upload_dir, folder_name, rules.upload_limits)
                 values["train_data_dir"] = str(uploaded)
-            elif "train_data_dir" not in values:
-                raise ApiError(422, "'train_data_dir' is required (a folder on the server), or send 'images'")
-            values["train_data_dir"] = str(rules.check(str(values["train_data_dir"]), "train_data_dir"))
-            if not Path(values["train_data_dir"]).is_dir():
-                raise ApiError(422, f"'train_data_dir': {values['train_data_dir']} is not a folder")
-            for key in ("metadata_path", "init_lora"):
+            elif not any(values.get(k) for k in ("train_data_dir", "subsets", "dataset_config")):
+                raise ApiError(422, "'train_data_dir' is required (a folder on the server), or send 'images' (or "
+                                    "'subsets', or a 'dataset_config' file)")
+            if values.get("train_data_dir"):
+                values["train_data_dir"] = str(rules.check(str(values["train_data_dir"]), "train_data_dir"))
+                if not Path(values["train_data_dir"]).is_dir():
+                    raise ApiError(422, f"'train_data_dir': {values['train_data_dir']} is not a folder")
+            for key in PATH_KEYS:
                 if values.get(key):
                     values[key] = str(rules.check(str(values[key]), key))
             values["output_dir"] = str(rules.output_dir)
             values.pop("resume", None)
             config = TrainConfig.from_dict(values, source="request")
+            _check_layout_paths(config, rules)
             job = start_job(config, host if hasattr(host, "load_backbone") else host())
             return JSONResponse(describe(job), status_code=201)
         except (ApiError, UserError) as exc:

@@ -261,3 +261,24 @@ def test_webui_interrupt_stops_and_saves_and_errors_release_the_lock(sd_model, d
     assert failing.snapshot()["state"] == "failed" and "boom" in failing.snapshot()["error"]
     assert not lock.locked()
     assert shared.state.begun == shared.state.ended
+
+
+def test_kohya_dataset_features_on_the_webuis_model(sd_model, dataset, tmp_path):
+    """Regularization images, a validation split, alpha masks, huber loss and disk caches on A1111's loaded model:
+    it trains, the validation loss is logged, the caches are reused by a second run, and the model is given back."""
+    reg = make_demo_dataset(tmp_path / "reg" / "1_shape", count=3, seed=4).parent
+    before = snapshot(sd_model)
+    backbone = A1111Backbone(sd_model)
+    runs = []
+    for out in ("a", "b"):
+        config = make_config(dataset, tmp_path / out, reg_data_dir=str(reg), validation_split=0.2,
+                             validate_every_n_steps=3, alpha_mask=True, loss_type="huber", min_timestep=100,
+                             cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True,
+                             cache_dir=str(tmp_path / "cache"))
+        runs.append(run_training(config, lambda c: backbone))
+        assert_restored(before, sd_model)
+    rows = (runs[0].run_dir / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in rows[1:] if not line.endswith(",")] == ["3", "6"]
+    assert read_lora_file(runs[0].lora_path)[1]["ss_num_reg_images"] == "3"
+    first, second = (read_lora_file(r.lora_path)[0] for r in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first), "reused caches must train the same LoRA"

@@ -229,3 +229,31 @@ def test_requests_that_cannot_train_are_refused_with_422_before_anything_starts(
     answer = client.post(f"{PREFIX}/jobs", json={**TRAIN, "images": [sent]}, auth=auth)
     assert answer.status_code == 422 and "no captions" in answer.json()["error"]
     assert not any((tmp_path / "allowed" / "uploads").glob("*/*"))  # the refused upload is not kept
+
+
+def test_kohya_dataset_features_through_the_api(standalone):
+    """Regularization images, a validation split and a kohya dataset config in the request body; every folder they
+    name must be an allowed one (also those inside the TOML), and a bad file is 422 in one line."""
+    client, data, tmp_path = standalone
+    auth = ("alice", "s3cret")
+    reg = make_demo_dataset(tmp_path / "allowed" / "reg" / "1_shape", count=3, seed=4).parent
+    started = client.post(f"{PREFIX}/jobs", auth=auth, json={
+        **TRAIN, "subsets": [{"image_dir": str(data), "num_repeats": 2}, {"image_dir": str(reg), "is_reg": True}],
+        "validation_split": 0.2, "validate_every_n_steps": 2, "prior_loss_weight": 0.5, "output_name": "kohya"})
+    assert started.status_code == 201, started.text
+    done = wait_for(client, started.json()["id"], auth=auth)
+    assert done["state"] == "finished", done["error"]
+    assert [s for s, _ in done["val_losses"]] == [2, 4]
+
+    outside = make_demo_dataset(tmp_path / "elsewhere", count=2)
+    toml = tmp_path / "allowed" / "d.toml"
+    toml.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{outside.as_posix()}'\n")
+    answer = client.post(f"{PREFIX}/jobs", auth=auth, json={**TRAIN, "dataset_config": str(toml)})
+    assert answer.status_code == 403 and "subsets[0].image_dir" in answer.json()["error"], answer.text
+    toml.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dri = 'x'\n")
+    answer = client.post(f"{PREFIX}/jobs", auth=auth, json={**TRAIN, "dataset_config": str(toml)})
+    assert answer.status_code == 422 and "did you mean 'image_dir'" in answer.json()["error"], answer.text
+    answer = client.post(f"{PREFIX}/jobs", auth=auth, json={**TRAIN, "train_data_dir": str(data),
+                                                            "reg_data_dir": str(outside)})
+    assert answer.status_code == 403 and "'reg_data_dir'" in answer.json()["error"]
+    assert len(answer.json()["error"].splitlines()) == 1

@@ -142,3 +142,19 @@ def test_an_inpainting_checkpoint_is_refused(forge_model):
     forge_model.is_inpaint = True
     with pytest.raises(ModelError, match="an inpainting SD1 model"):
         ForgeBackbone(forge_model)
+
+
+def test_kohya_dataset_features_on_forges_model(forge_model, tmp_path):
+    reg = make_demo_dataset(tmp_path / "reg" / "1_shape", count=3, seed=4).parent
+    unet = forge_model.forge_objects.unet.model.diffusion_model
+    pristine = values_of(unet)
+    backbone = ForgeBackbone(forge_model)
+    result = run_training(config(tmp_path, reg_data_dir=str(reg), validation_split=0.2, validate_every_n_steps=3,
+                                 alpha_mask=True, loss_type="smooth_l1", debiased_estimation_loss=True,
+                                 cache_latents_to_disk=True, cache_text_encoder_outputs_to_disk=True),
+                          lambda c: backbone)
+    rows = (result.run_dir / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in rows[1:] if not line.endswith(",")] == ["3", "6"]
+    assert any((tmp_path / ".cache" / "latents").rglob("*.safetensors"))
+    after = values_of(unet)
+    assert all(torch.equal(pristine[k], after[k]) for k in pristine), "Forge's weights changed"
