@@ -41,7 +41,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
             kind = field_type(f.name)
             if kind is list:
-                group.add_argument(*flags, dest=f.name, action="append", metavar="TEXT", help=_field_help(f))
+                metavar = "YAML" if f.metadata["item"] == "mapping" else "TEXT"  # --subsets "{image_dir: a}"
+                group.add_argument(*flags, dest=f.name, action="append", metavar=metavar, help=_field_help(f))
             elif kind is bool:
                 group.add_argument(*flags, dest=f.name, nargs="?", const="true", metavar="BOOL",
                                    help=_field_help(f))

@@ -114,7 +114,7 @@ class TrainConfig:
         "as kohya does; their loss is weighted by prior_loss_weight.")
     subsets: list = option(
         [], "data", "Several image folders in one run: a list of mappings, each with image_dir and any of num_repeats, "
-        "is_reg, class_tokens (the caption of images that have none), caption_extension, metadata_file, "
+        "is_reg, is_validation, class_tokens (the caption of images that have none), caption_extension, metadata_file, "
         "trigger_word, caption_prefix, caption_suffix, shuffle_caption, keep_tokens, caption_dropout_rate, flip_aug, "
         "alpha_mask, mask_dir (kohya's [[datasets.subsets]] keys); unset keys take the values above. Used instead of "
         "train_data_dir and reg_data_dir.", item="mapping")
@@ -470,6 +470,7 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         if meta["item"] == "mapping":
+            value = [_mapping_text(v, where) if isinstance(v, str) else v for v in value]
             bad = next((i for i, v in enumerate(value) if not isinstance(v, dict)), None)
             if bad is not None:
                 raise ConfigError(f"{where} must be a list of mappings (image_dir: ..., num_repeats: ...); item "
@@ -488,6 +489,17 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         if (lo is not None and out < lo) or (hi is not None and out > hi):
             raise ConfigError(f"{where} must be between {_fmt(lo)} and {_fmt(hi)}, got {_fmt(out)}")
     return out
+
+
+def _mapping_text(text: str, where: str) -> Any:
+    """A mapping written as text (a command-line flag: ``--subsets "{image_dir: a, num_repeats: 2}"``)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: {text!r} is not a mapping; write it as {{image_dir: folder, num_repeats: 2}}") \
+            from None
 
 
 def _to_number(value: Any, kind: type, where: str, what: str) -> Any:

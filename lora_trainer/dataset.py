@@ -123,14 +123,26 @@ def scan_dataset(train_data_dir: str, metadata_path: str = "", caption_extension
     return scan
 
 
+_DECODED: dict = {}  # (path, bytes, mtime_ns) -> size, of images decoded without error in this process
+
+
 def _read_sizes(paths: list[Path], verify: bool) -> list:
     """Each image's (width, height), or the DatasetError that says why it cannot be used. With ``verify`` every image
     is decoded (in threads: PIL releases the GIL while decoding), which is the only way to find a truncated file."""
     def one(path: Path):
         try:
-            if verify:
+            if not verify:
+                return image_size(path)
+            stat = path.stat()
+            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            if key not in _DECODED:  # the tab's estimate and its Start scan the same files: decode them once
                 load_image(path)
-            return image_size(path)
+                if len(_DECODED) > 500_000:
+                    _DECODED.clear()
+                _DECODED[key] = image_size(path)
+            return _DECODED[key]
+        except OSError as exc:
+            return DatasetError(f"{path}: cannot be read as an image ({exc.strerror or exc})")
         except DatasetError as exc:
             return exc
 

@@ -236,7 +236,7 @@ def test_missing_captions_warn(tmp_path, caplog):
 def test_no_captions_at_all_is_an_error(tmp_path):
     root = tmp_path / "data"
     image(root / "a.png")
-    image(root / "2_x" / "b.png")
+    image(root / "x" / "b.png")
     with pytest.raises(DatasetError) as exc_info:
         scan_dataset(str(root))
     assert str(exc_info.value) == (
@@ -312,3 +312,14 @@ def test_record_order_is_sorted_by_relative_path(tmp_path):
         text((root / name).with_suffix(".txt"), name)
     scan = scan_dataset(str(root))
     assert [r.caption for r in scan.records] == ["2_m/x.png", "a.png", "b.png", "b/a.png", "z.png"]
+
+
+def test_an_uncaptioned_image_in_a_repeat_folder_takes_its_class_as_kohya_does(tmp_path):
+    root = tmp_path / "data"
+    image(root / "10_sks dog" / "a.png")
+    image(root / "10_sks dog" / "b.png")
+    (root / "10_sks dog" / "b.txt").write_text("sks dog, running")
+    image(root / "plain" / "c.png")
+    (root / "plain" / "c.txt").write_text("a cat")
+    captions = {r.path.name: r.caption for r in scan_dataset(str(root)).records}
+    assert captions == {"a.png": "sks dog", "b.png": "sks dog, running", "c.png": "a cat"}

@@ -291,3 +291,18 @@ def test_the_dataset_config_reads_the_same_without_tomllib(kohya_folders, tmp_pa
     expected = build_layout(config)
     monkeypatch.setitem(__import__("sys").modules, "tomllib", None)  # import tomllib now raises ImportError
     assert build_layout(config) == expected
+
+
+def test_subsets_and_the_new_keys_as_command_line_flags(tmp_path):
+    from lora_trainer.config import load_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"base_model: m\noutput_dir: {tmp_path}\n")
+    config = load_config_file(path, {"subsets": ["{image_dir: a, num_repeats: 2}", "{image_dir: r, is_reg: true}"],
+                                     "loss_type": "huber", "prior_loss_weight": "0.5", "validation_split": "0.1"})
+    assert config.subsets == [{"image_dir": "a", "num_repeats": 2}, {"image_dir": "r", "is_reg": True}]
+    assert (config.loss_type, config.prior_loss_weight, config.validation_split) == ("huber", 0.5, 0.1)
+    with pytest.raises(ConfigError, match="is not a mapping"):
+        load_config_file(path, {"subsets": ["{image_dir: [a"]})
+    with pytest.raises(ConfigError, match="must be a list of mappings"):
+        load_config_file(path, {"subsets": ["just/a/folder"]})
