@@ -11,7 +11,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ from .distributed import SINGLE, PeerStopped, Processes
 from .errors import TrainingError
 from .events import CheckpointSaved, EventBus, Progress, StopRequest
 from .run_folder import RunFolder
+from .tensorboard_log import TensorBoardLog
 from .training_data import TrainPlan
 
 logger = logging.getLogger("lora_trainer")
@@ -37,6 +38,7 @@ class LoopBase:
         self.scheduler: torch.optim.lr_scheduler.LambdaLR
         self.losses: deque = deque(maxlen=50)
         self.step_times: deque = deque(maxlen=20)
+        self.tensorboard: Optional[TensorBoardLog] = None  # log_with: tensorboard, in the main process
 
     # -- what a loop provides --------------------------------------------------------------------
     def _micro_step(self, micro_step: int) -> float:
@@ -59,6 +61,8 @@ class LoopBase:
 
     # -- the loop --------------------------------------------------------------------------------
     def _train_steps(self, start_step: int) -> int:
+        if self.processes.is_main:
+            self.tensorboard = TensorBoardLog.open(self.config, self.run_folder.path, self.run_folder.name, start_step)
         try:
             return self._steps(start_step)
         except PeerStopped as exc:  # data-parallel: say where to resume from
@@ -66,6 +70,9 @@ class LoopBase:
             raise PeerStopped(f"{exc}; the last checkpoint is {last.name if last else 'none yet'}: resume with "
                               f"--resume {self.run_folder.path} (with the same number of processes for a "
                               "bit-identical result)") from None
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def _steps(self, start_step: int) -> int:
         step, started, accum = start_step, time.perf_counter(), self.plan.accumulation
@@ -123,9 +130,8 @@ class LoopBase:
             self.run_folder.append_metrics([{
                 "step": step, "epoch": event.epoch, "loss": f"{loss:.6f}", "avg_loss": f"{event.avg_loss:.6f}",
                 "lr": f"{lr:.3e}", "it_per_s": f"{event.it_per_s:.3f}", "seconds": f"{elapsed:.2f}", "val_loss": val}])
-            tensorboard = getattr(self, "tensorboard", None)
-            if tensorboard is not None:
-                tensorboard.scalars(step, {"loss/train": loss, "loss/average": event.avg_loss, "lr": lr,
+            if self.tensorboard is not None:
+                self.tensorboard.scalars(step, {"loss/train": loss, "loss/average": event.avg_loss, "lr": lr,
                                            "loss/validation": event.val_loss})
         self.events.emit(event)
 

@@ -45,7 +45,6 @@ from .metadata import RunFacts, lora_metadata, new_session_id, sidecar_json
 from .network import LoraNetwork
 from .optim import build_lr_scheduler, build_optimizer
 from .run_folder import RunFolder
-from .tensorboard_log import TensorBoardLog
 from .training_data import (
     EpochOrder,
     LatentCache,
@@ -262,7 +261,6 @@ class _Loop(LoopBase):
                 logger.warning("zero_terminal_snr with an epsilon-prediction model: at the last timestep the input is "
                                "pure noise and the target is that noise; it is meant for v-prediction models")
         self.validation = data.indices("val")
-        self.tensorboard: Optional[TensorBoardLog] = None
         if config.network == "dora" and config.train_text_encoder and backbone.family in ("sd2", "sdxl"):
             logger.warning("A1111 applies LoRA to the OpenCLIP text encoder of SD2/SDXL through its fused attention "
                            "weights, where its DoRA merge does not fit; the text-encoder part of this DoRA works in "
@@ -274,15 +272,6 @@ class _Loop(LoopBase):
     # -- phases ----------------------------------------------------------------------------------
     def run(self, resume: bool) -> TrainResult:
         start_step = self._resume() if resume else 0
-        if self.processes.is_main:
-            self.tensorboard = TensorBoardLog.open(self.config, self.run_folder.path, self.run_folder.name, start_step)
-        try:
-            return self._run_from(start_step)
-        finally:
-            if self.tensorboard is not None:
-                self.tensorboard.close()
-
-    def _run_from(self, start_step: int) -> TrainResult:
         self._prepare_caches()
         self.events.emit(Started(self.run_folder.path, self.plan.total_steps, start_step,
                                  self.data.scan.num_images()))

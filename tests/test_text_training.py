@@ -55,7 +55,7 @@ def trained(workdir):
     level = logger.level
     logger.setLevel(logging.INFO)  # what the CLI's logging setup does; train.log gets INFO lines
     try:
-        result = run_text_training(text_config(workdir, output_name="facts"), events=bus)
+        result = run_text_training(text_config(workdir, output_name="facts", log_with="tensorboard"), events=bus)
     finally:
         logger.setLevel(level)
     return result, events
@@ -131,6 +131,10 @@ def test_run_folder_layout_and_events(trained):
     assert isinstance(events[-1], Finished) and events[-1].lora_path == result.lora_path
     assert [e.step for e in events if isinstance(e, Progress)] == list(range(1, 121))
     assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [50, 100, 120]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(run / "tensorboard")).Reload().Scalars("loss/train")
+    assert [s.step for s in scalars] == list(range(1, 121))  # log_with: tensorboard works for LLM LoRAs too
 
 
 def test_target_modules_follow_the_architecture(tmp_path):
