@@ -240,8 +240,8 @@ class TrainConfig:
     validation_seed: Optional[int] = option(None, "sample", "Seed of the validation split, noise and timesteps. "
                                             "Empty: seed.", min=0, max=2**31 - 1)
     final_check: str = option("quick", "sample", "Does-it-work check after the last step: quick (the fixed-batch "
-                              "loss with and without the LoRA, 8 UNet passes, and its weights checked), full (also a "
-                              "strength sweep image at 6 weights, strength_sweep.png) or off.",
+                              "loss with and without the LoRA, 8 samples batched into 2 UNet calls, and its weights "
+                              "checked), full (also a strength sweep image at 6 weights, strength_sweep.png) or off.",
                               choices=("quick", "full", "off"))
     # -- output --------------------------------------------------------------------------------
     output_dir: str = option("output", "output", "Where run folders are created.")

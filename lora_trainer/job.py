@@ -115,6 +115,7 @@ class TrainingJob:
         self.step, self.start_step, self.total_steps = 0, 0, 0
         self.last: Optional[Progress] = None
         self.losses: List[tuple] = []
+        self.val_losses: List[tuple] = []  # (step, validation loss) where it was measured
         self.samples: List[str] = []
         self.lora_path: Optional[Path] = None
         self.published: List[str] = []
@@ -157,7 +158,7 @@ class TrainingJob:
             "loss": last.loss if last else None, "avg_loss": last.avg_loss if last else None,
             "lr": last.lr if last else None, "it_per_s": last.it_per_s if last else None,
             "eta_s": last.eta_s if last else None, "elapsed_s": last.elapsed_s if last else None,
-            "losses": list(self.losses), "samples": list(self.samples),
+            "losses": list(self.losses), "val_losses": list(self.val_losses), "samples": list(self.samples),
             "lora_path": str(self.lora_path) if self.lora_path else None, "published": list(self.published),
             "phase": self.phase, "error": self.error, "log": list(self.log_tail)[-30:],
         }
@@ -213,11 +214,15 @@ class TrainingJob:
             self.run_dir, self.total_steps = event.run_dir, event.total_steps
             self.step = self.start_step = event.start_step
             if event.start_step:  # resumed or extended: the chart shows the run's whole history
-                self.losses = [(int(r["step"]), float(r["loss"])) for r in RunFolder(event.run_dir).read_metrics()]
+                rows = RunFolder(event.run_dir).read_metrics()
+                self.losses = [(int(r["step"]), float(r["loss"])) for r in rows]
+                self.val_losses = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
             self.host.progress_started(f"Train LoRA: {event.run_dir.name}", event.total_steps)
         elif isinstance(event, Progress):
             self.step, self.last = event.step, event
             self.losses.append((event.step, event.loss))
+            if event.val_loss is not None:
+                self.val_losses.append((event.step, event.val_loss))
             self.host.progress(event)
             if self.host.interrupted() and not self.stop_request.is_set():
                 logger.info("interrupted from the WebUI: stopping and saving at step %d", event.step)

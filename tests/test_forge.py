@@ -158,3 +158,17 @@ def test_kohya_dataset_features_on_forges_model(forge_model, tmp_path):
     assert any((tmp_path / ".cache" / "latents").rglob("*.safetensors"))
     after = values_of(unet)
     assert all(torch.equal(pristine[k], after[k]) for k in pristine), "Forge's weights changed"
+
+
+def test_latents_are_the_posteriors_mean_although_forge_samples_it(forge_model):
+    """Forge's VAE samples its posterior at each encode (the real suite found the disk cache never reused on Forge);
+    the backbone takes the mean through Forge's VAE regulation hook, for this call only."""
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    sampled = [forge_model.encode_first_stage(pixels) for _ in range(2)]
+    assert not torch.equal(*sampled), "the stand-in must sample, as Forge does"
+    backbone = ForgeBackbone(forge_model)
+    first, second = backbone.encode_images(pixels), backbone.encode_images(pixels)
+    assert torch.equal(first, second)
+    mean = forge_model.vae.encode(pixels).latent_dist.mean * 0.18215
+    assert torch.allclose(first, mean)
+    assert "model_vae_regulation" not in forge_model.forge_objects.vae.patcher.model_options

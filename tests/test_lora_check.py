@@ -122,7 +122,8 @@ def test_every_finished_run_is_checked_cheaply(tiny_sd1_files, tmp_path):
 
 @pytest.mark.slow
 def test_the_end_of_a_run_is_bounded_visible_and_can_be_turned_off(tiny_sd1_files, tmp_path):
-    """quick (the default): 8 UNet passes after the last step, reported as a phase; off with no samples: none."""
+    """quick (the default): 8 samples after the last step, batched per bucket (at most 4 UNet calls here: 2 buckets,
+    with and without the LoRA), reported as a phase; off with no samples: none."""
     from lora_trainer.backbones.single_file import load_backbone_from_path
     from lora_trainer.events import EventBus, Phase, Progress
 
@@ -130,8 +131,8 @@ def test_the_end_of_a_run_is_bounded_visible_and_can_be_turned_off(tiny_sd1_file
     values = {"base_model": str(tiny_sd1_files["folder"]), "train_data_dir": str(data), "resolution": 64,
               "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "lora_rank": 4,
               "batch_size": 2, "max_train_steps": 3, "sample_steps": 2, "seed": 3, "device": "cpu"}
-    for name, changes, passes_after in (("quick", {}, 8), ("off", {"final_check": "off",
-                                                                       "sample_at_end": False}, 0)):
+    for name, changes, passes_after in (("quick", {}, (2, 4)), ("off", {"final_check": "off",
+                                                                            "sample_at_end": False}, (0, 0))):
         config = TrainConfig.from_dict({**values, **changes, "output_dir": str(tmp_path / name)})
         backbone = load_backbone_from_path(config.base_model)
         predict, seen = backbone.predict, {"passes_after": 0, "last_step": False, "phases": []}
@@ -150,8 +151,8 @@ def test_the_end_of_a_run_is_bounded_visible_and_can_be_turned_off(tiny_sd1_file
         events = EventBus()
         events.subscribe(on_event)
         result = run_training(config, lambda c, backbone=backbone: backbone, events)
-        # quick: 8 check passes (this backbone renders its sample through its own diffusers pipeline)
-        assert seen["passes_after"] == passes_after, name
+        # quick: the check's calls (this backbone renders its sample through its own diffusers pipeline)
+        assert passes_after[0] <= seen["passes_after"] <= passes_after[1], (name, seen["passes_after"])
         assert not (result.run_dir / SWEEP_FILE).exists()
         if name == "quick":
             assert ("checking the LoRA", 8, 8) in seen["phases"] and ("saving", 0, 1) in seen["phases"]

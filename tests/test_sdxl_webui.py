@@ -147,3 +147,15 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_and_matches_a1111s_merge(ti
     for key in ("crossattn", "vector"):
         assert (ours[key] - theirs[key]).abs().max() <= 1e-5, key
         assert (ours[key] - base[key]).abs().max() > 1e-4, key
+
+
+def test_sdxl_latents_are_the_posteriors_mean_although_sgm_samples_it(tiny_sd1_files):
+    """sgm's encode_first_stage samples the VAE posterior (as Forge's VAE does): the backbone takes its mean, so latents
+    (and a resume, and the disk cache) do not depend on the global RNG; the regularizer is put back as it was."""
+    model = build_sdxl_like(tiny_sd1_files)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert not torch.equal(model.encode_first_stage(pixels), model.encode_first_stage(pixels))
+    backbone = A1111Backbone(model)
+    first, second = backbone.encode_images(pixels), backbone.encode_images(pixels)
+    assert torch.equal(first, second)
+    assert model.first_stage_model.regularization.sample is True

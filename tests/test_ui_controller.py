@@ -358,7 +358,10 @@ def test_the_advanced_panel_groups_every_option_once_by_the_configs_sections():
     groups = dict(advanced_groups())
     names = [n for fields in groups.values() for n in fields]
     assert sorted(names) == sorted(ADVANCED_FIELDS) and len(names) == len(set(names))
-    assert list(groups)[:5] == ["Model", "Data", "Network", "Optimizer", "Noise and loss"]
-    assert {"noise_offset", "min_snr_gamma"} <= set(groups["Noise and loss"])
+    assert list(groups)[:6] == ["Model", "Data", "Regularization, more folders, validation, masks", "Network",
+                                "Optimizer", "Noise and loss"]
+    assert {"noise_offset", "min_snr_gamma", "loss_type", "huber_c", "min_timestep"} <= set(groups["Noise and loss"])
+    assert {"reg_data_dir", "prior_loss_weight", "subsets", "dataset_config", "validation_split",
+            "masked_loss"} <= set(groups["Regularization, more folders, validation, masks"])
     assert {"final_check", "sample_at_end"} <= set(groups["Sampling and the final check"])
     assert all(FIELDS[n].metadata["help"] for n in names)  # each field shows its help text

@@ -114,7 +114,7 @@ class A1111Backbone(SamplingFallback):
 
     # -- the protocol ------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), _posterior_mean(self.sd_model):
             encoded = self.sd_model.encode_first_stage(pixels.to(self.device, self.vae_dtype))
             if not isinstance(encoded, torch.Tensor):  # ldm returns the posterior: its mean keeps latents deterministic
                 return encoded.mode() * self.sd_model.scale_factor
@@ -189,3 +189,20 @@ class A1111Backbone(SamplingFallback):
         if transformer is None:
             raise ModelError("this text encoder layout is not supported for text-encoder LoRA yet")
         return hf_clip_targets(transformer, "lora_te_")
+
+
+@contextlib.contextmanager
+def _posterior_mean(sd_model) -> Iterator[None]:
+    """sgm (A1111's SDXL) samples the VAE posterior in ``encode_first_stage`` (its DiagonalGaussianRegularizer,
+    ``sample=True``), from the global RNG: latents would differ from run to run. For this call, the regularizer
+    returns the posterior's mode (its mean), as ldm's path does below."""
+    regularization = getattr(getattr(sd_model, "first_stage_model", None), "regularization", None)
+    if not isinstance(getattr(regularization, "sample", None), bool):
+        yield
+        return
+    before = regularization.sample
+    regularization.sample = False
+    try:
+        yield
+    finally:
+        regularization.sample = before

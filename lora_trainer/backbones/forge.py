@@ -140,7 +140,23 @@ class ForgeBackbone(SamplingFallback):
 
     # -- the protocol ------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.sd_model.encode_first_stage(pixels.to(self.device))  # already scaled, an inference tensor
+        # Forge's VAE samples its posterior at every encode, from the global RNG: latents would differ from run to
+        # run (no resume could be bit-identical, no disk cache reused). Its own hook, the VAE regulation, takes the
+        # posterior's mean instead, as the A1111 backbone does; set for this call only.
+        options = getattr(getattr(getattr(self.sd_model.forge_objects, "vae", None), "patcher", None),
+                          "model_options", None)
+        if not isinstance(options, dict):
+            return self.sd_model.encode_first_stage(pixels.to(self.device)).clone()
+        missing = object()
+        before = options.get("model_vae_regulation", missing)
+        options["model_vae_regulation"] = _posterior_mean
+        try:
+            latents = self.sd_model.encode_first_stage(pixels.to(self.device))  # scaled, an inference tensor
+        finally:
+            if before is missing:
+                options.pop("model_vae_regulation", None)
+            else:
+                options["model_vae_regulation"] = before
         return latents.clone()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -191,3 +207,7 @@ class ForgeBackbone(SamplingFallback):
         with FrozenModels(self.unet, *text), native_checkpointing_off(self.unet), checkpointed(blocks), \
                 norm_inputs_copied(self.unet):
             yield
+
+
+def _posterior_mean(posterior):
+    return posterior.mode()

@@ -58,6 +58,7 @@ class ProgressView:
     run_dir: Optional[str] = None
     fingerprint: tuple = ()  # changes whenever anything shown changes
     status: str = ""  # the Status line for this state: "running · started: x (run 1a2b)", or how the run ended
+    val_losses: List[Tuple[int, float]] = field(default_factory=list)  # (step, validation loss), where measured
 
 
 @dataclass
@@ -177,9 +178,16 @@ class TabController:
         device = config.device
         if device == "auto":
             device = "gpu" if self._cuda() else "cpu"
-        return estimate_run(family, "gpu" if device.startswith("cuda") or device == "gpu" else "cpu",
+        text = estimate_run(family, "gpu" if device.startswith("cuda") or device == "gpu" else "cpu",
                             data.scan.num_images(), data.plan.total_steps, config.resolution, config.lora_rank,
                             config.batch_size, config.gradient_checkpointing).text
+        reg, val = data.scan.of_role("reg"), data.scan.of_role("val")
+        if reg:
+            text += (f"\nWith {len(reg)} regularization images ({sum(r.repeats for r in reg)} per epoch, as many as "
+                     "training images; the steps above count them).")
+        if val:
+            text += f"\n{len(val)} validation images held out (not trained on)."
+        return text
 
     def _family(self) -> str:
         label = (self.context.model_info() if self.context.model_info else "").lower()
@@ -259,7 +267,8 @@ class TabController:
         status = summary if state in ("finished", "stopped", "failed") else f"{state} · {self.action or snap['name']}"
         return ProgressView(state, summary, self._earlier_losses(job) + [(int(s), float(v)) for s, v in snap["losses"]],
                             list(snap["samples"]), "\n".join(snap["log"]), snap["error"], snap["run_dir"],
-                            fingerprint, status)
+                            fingerprint, status,
+                            val_losses=[(int(s), float(v)) for s, v in snap.get("val_losses", [])])
 
     def _earlier_losses(self, job) -> List[Tuple[int, float]]:
         """An extended run's losses before this job (from metrics.csv), so its chart starts at step 1."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, List, Sequence
 
 from ..config import FIELDS, TrainConfig, field_type
+from ..errors import ConfigError
 
 MAIN_FIELDS = ("output_name", "lora_rank", "lora_alpha", "max_train_steps", "epochs", "learning_rate", "batch_size",
                "resolution")
@@ -22,7 +23,11 @@ ADVANCED_FIELDS = tuple(name for name in FIELDS if name not in MAIN_FIELDS + ELS
 FORM_FIELDS = MAIN_FIELDS + ADVANCED_FIELDS
 # The Advanced panel's groups, in TrainConfig's sections; the optimizer section's noise and loss options get their own.
 NOISE_AND_LOSS = ("noise_offset", "min_snr_gamma", "ip_noise_gamma", "multires_noise_iterations",
-                  "multires_noise_discount")
+                  "multires_noise_discount", "loss_type", "huber_c", "huber_schedule", "min_timestep", "max_timestep",
+                  "debiased_estimation_loss", "zero_terminal_snr")
+# kohya's dataset features: regularization images, several folders, validation, masks.
+DATASETS = ("reg_data_dir", "prior_loss_weight", "subsets", "dataset_config", "validation_split",
+            "validation_data_dir", "validate_every_n_steps", "validation_seed", "masked_loss", "mask_dir", "alpha_mask")
 GROUP_OF_SECTION = {"model": "Model", "data": "Data", "network": "Network", "optim": "Optimizer",
                     "schedule": "Schedule and checkpoints", "sample": "Sampling and the final check",
                     "output": "Output", "runtime": "Runtime"}
@@ -32,7 +37,12 @@ def advanced_groups() -> List[tuple]:
     """(group label, field names) for the Advanced panel, every advanced field exactly once, in schema order."""
     groups: dict = {}
     for name in ADVANCED_FIELDS:
-        label = "Noise and loss" if name in NOISE_AND_LOSS else GROUP_OF_SECTION[FIELDS[name].metadata["section"]]
+        if name in NOISE_AND_LOSS:
+            label = "Noise and loss"
+        elif name in DATASETS:
+            label = "Regularization, more folders, validation, masks"
+        else:
+            label = GROUP_OF_SECTION[FIELDS[name].metadata["section"]]
         groups.setdefault(label, []).append(name)
     return list(groups.items())
 
@@ -82,6 +92,10 @@ def field_specs(names: Sequence[str], defaults: dict) -> List[FieldSpec]:
 def to_form_value(name: str, value: Any) -> Any:
     """A config value as its widget shows it."""
     kind = field_type(name)
+    if FIELDS[name].metadata["item"] == "mapping":  # a list of mappings is edited as YAML
+        import yaml
+
+        return yaml.safe_dump(list(value), sort_keys=False, allow_unicode=True) if value else ""
     if kind is list:
         return "\n".join(str(v) for v in value or [])
     if value is None:
@@ -94,6 +108,16 @@ def to_form_value(name: str, value: Any) -> Any:
 def from_form_value(name: str, value: Any) -> Any:
     """A widget's value as TrainConfig.from_dict takes it (it validates and converts the rest)."""
     kind = field_type(name)
+    if FIELDS[name].metadata["item"] == "mapping":
+        import yaml
+
+        try:
+            return yaml.safe_load(str(value or "")) or []
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"'{name}'{where}: not valid YAML ({getattr(exc, 'problem', exc)}); write one "
+                              "'- image_dir: ...' entry per folder") from None
     if kind is list:
         return [line.strip() for line in str(value or "").splitlines() if line.strip()]
     if isinstance(value, str):

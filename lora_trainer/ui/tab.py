@@ -166,8 +166,8 @@ class TrainTab:
 
     def _progress_section(self) -> None:
         with gr.Row():
-            self.chart = make(gr.LinePlot, x="step", y="loss", title="Training loss", x_title="step",
-                              y_title="loss", height=220, elem_id="lora_trainer_loss_chart")
+            self.chart = make(gr.LinePlot, x="step", y="loss", color="series", title="Training loss",
+                              x_title="step", y_title="loss", height=220, elem_id="lora_trainer_loss_chart")
         self.samples = make(gr.Gallery, label="Latest samples", elem_id="lora_trainer_samples", columns=4,
                             height=200, allow_preview=False)
         with make(gr.Accordion, label="Log", open=False, elem_id="lora_trainer_log_section"):
@@ -330,7 +330,7 @@ class TrainTab:
             if view.state != seen.get("state") and view.state != "idle":
                 status = view.status
             seen["state"] = view.state
-            chart = _loss_frame(view.losses) if view.losses else None
+            chart = _loss_frame(view.losses, view.val_losses) if view.losses else None
             samples = update()
             if len(view.samples) != seen.get("samples"):
                 samples = [t for t in (thumbnail(p, Path(p).stem) for p in view.samples[-8:][::-1]) if t]
@@ -355,7 +355,10 @@ class TrainTab:
                     **self.context.defaults}
         return TrainConfig.from_dict({**defaults, **values}, source="form")
 
-def _loss_frame(losses):
+def _loss_frame(losses, val_losses=()):
+    """The chart's points: the training loss, and the validation loss where it was measured, as two series."""
     import pandas as pd
 
-    return pd.DataFrame({"step": [s for s, _ in losses], "loss": [v for _, v in losses]})
+    points = [(s, v, "training") for s, v in losses] + [(s, v, "validation") for s, v in val_losses]
+    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points],
+                         "series": [p[2] for p in points]})

@@ -186,7 +186,14 @@ def make_datasets(webui: Path) -> dict:
     (root / "empty").mkdir(parents=True)
     (root / "uncaptioned").mkdir()
     shutil.copy(next(shapes.glob("*.png")), root / "uncaptioned" / "a.png")
-    return {"shapes": shapes, "empty": root / "empty", "uncaptioned": root / "uncaptioned"}
+    reg = make_demo_dataset(root / "reg" / "1_shape", count=3, seed=4).parent
+    toml = root / "kohya_dataset.toml"  # kohya's dataset config: a DreamBooth dataset with a regularization subset
+    toml.write_text(f"[general]\nshuffle_caption = true\nkeep_tokens = 1\n\n[[datasets]]\nresolution = 64\n"
+                    f"batch_size = 2\n\n  [[datasets.subsets]]\n  image_dir = '{shapes.as_posix()}'\n"
+                    f"  num_repeats = 2\n\n  [[datasets.subsets]]\n  is_reg = true\n"
+                    f"  image_dir = '{(reg / '1_shape').as_posix()}'\n  class_tokens = 'shape'\n")
+    return {"shapes": shapes, "empty": root / "empty", "uncaptioned": root / "uncaptioned", "reg": reg,
+            "toml": toml}
 
 
 def api_checks(report: Report, flavour: str, webui: Path) -> None:
@@ -329,8 +336,44 @@ def api_checks(report: Report, flavour: str, webui: Path) -> None:
         r("a failed Extend leaves config.yaml and metrics.csv as they were",
           kept == {p.name: p.read_bytes() for p in (run_dir / "config.yaml", run_dir / "metrics.csv")},
           f"{broken_done.get('state')}: {broken_done.get('error')}")
+        kohya_checks(r, port, webui, data, train, name, before)
     finally:
         server.stop()
+
+
+def kohya_checks(r, port: int, webui: Path, data: dict, train: dict, name: str, before: dict) -> None:
+    """kohya's dataset features on the WebUI's loaded model: regularization images, validation loss, loss options,
+    disk caches (reused by a second run), a kohya dataset TOML; tensorboard, absent from both WebUIs' venvs, is
+    refused before the start."""
+    features = {**train, "reg_data_dir": str(data["reg"]), "validation_split": 0.2, "validate_every_n_steps": 4,
+                "loss_type": "huber", "min_timestep": 50, "debiased_estimation_loss": True,
+                "cache_latents_to_disk": True, "cache_text_encoder_outputs_to_disk": True}
+    results = []
+    for n in (1, 2):
+        status, job = call(port, "POST", f"{API}/jobs", {**features, "output_name": f"{name}-kohya{n}"})
+        results.append(wait_job(port, job["id"]) if status == 201 else {"state": f"HTTP {status}", **job})
+    first, second = results
+    reused = [line[9:] for line in second.get("log", []) if "latent cache" in line]
+    r("regularization, validation loss, huber, debiased, disk caches: trains; a second run reuses the caches",
+      first["state"] == second["state"] == "finished" and [s for s, _ in first.get("val_losses", [])] == [4, 8]
+      and reused and " 0 encoded" in reused[-1],
+      f"{first['state']}/{second['state']}; validation at {[s for s, _ in first.get('val_losses', [])]}; "
+      f"{reused[-1:] or second.get('error')}")
+    status, job = call(port, "POST", f"{API}/jobs", {"dataset_config": str(data["toml"]), "max_train_steps": 4,
+                                                     "min_bucket_reso": 64, "output_name": f"{name}-toml"})
+    done = wait_job(port, job["id"]) if status == 201 else {"state": f"HTTP {status}", **job}
+    lora = webui / "models" / "Lora" / f"{name}-toml.safetensors"
+    in_file = len({k.split(".", 1)[0] for k in _safetensors_keys(lora)}) if lora.is_file() else 0
+    image = txt2img(port, f"{TXT2IMG['prompt']} <lora:{name}-toml:1>") if lora.is_file() else b""
+    r("a kohya dataset TOML trains, and its LoRA changes the WebUI's image", done["state"] == "finished" and
+      in_file > 0 and image != txt2img(port), f"{done['state']}: {done.get('error') or lora.name}, {in_file} modules")
+    status, answer = call(port, "POST", f"{API}/jobs", {**train, "log_with": "tensorboard"})
+    r("log_with: tensorboard without the package is refused in one line (422)", status == 422 and
+      "tensorboard" in str(answer.get("error")) and len(str(answer.get("error")).splitlines()) == 1,
+      f"{status}: {answer.get('error')}")
+    _, after = call(port, "GET", f"{PROBE}/model")
+    r("model weights bit-identical after these runs", (after["unet_hash"], after["text_hash"]) ==
+      (before["unet_hash"], before["text_hash"]), after["unet_hash"])
 
 
 def wait_until_step(port: int, job_id: str, step: int, timeout: float = 900) -> None:

@@ -118,6 +118,21 @@ def engine_flags(model, guess: str) -> None:
         setattr(model, flag, True)
 
 
+class ForgeVAE:
+    """``forge_objects.vae`` as far as encoding goes: Forge's VAE *samples* the posterior at every encode (the global
+    RNG) unless ``patcher.model_options["model_vae_regulation"]`` maps the posterior to a tensor (the real Forge: a
+    cache that was never reused, latents that differed from run to run)."""
+
+    def __init__(self, vae):
+        self.first_stage_model = vae
+        self.patcher = types.SimpleNamespace(model_options={})
+
+    def encode_posterior(self, x):
+        posterior = self.first_stage_model.encode(x).latent_dist
+        regulation = self.patcher.model_options.get("model_vae_regulation")
+        return regulation(posterior) if regulation is not None else posterior.sample()
+
+
 class ForgeObjects:
     def __init__(self, unet, clip, vae):
         self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, None
@@ -130,7 +145,7 @@ class ForgeModel:
     """The attributes of ``ForgeDiffusionEngine`` (sd15.StableDiffusion) that the trainer uses."""
 
     def __init__(self, unet_patcher, clip, vae, tokenizer, is_sd2: bool = False):
-        self.forge_objects = ForgeObjects(unet_patcher, clip, vae)
+        self.forge_objects = ForgeObjects(unet_patcher, clip, ForgeVAE(vae))
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.current_lora_hash = "[['x.safetensors', 1.0, 1.0, False]]"
         engine_flags(self, "SD20" if is_sd2 else "SD15")
@@ -152,7 +167,7 @@ class ForgeModel:
 
     @torch.inference_mode()
     def encode_first_stage(self, x):
-        return self.vae.encode(x).latent_dist.mean * 0.18215
+        return self.forge_objects.vae.encode_posterior(x) * 0.18215
 
     @torch.inference_mode()
     def decode_first_stage(self, z):

@@ -24,7 +24,15 @@ import types
 import torch
 from torch import nn
 
-from standins.forge import ForgeObjects, Patcher, _forge_transformer_blocks, _swap_linears, _to_inference, engine_flags
+from standins.forge import (
+    ForgeObjects,
+    ForgeVAE,
+    Patcher,
+    _forge_transformer_blocks,
+    _swap_linears,
+    _to_inference,
+    engine_flags,
+)
 from standins.sgm import SdConditioning, build_sdxl_like
 
 __all__ = ["ForgeXLModel", "SdConditioning", "load_forge_xl_model"]
@@ -49,7 +57,7 @@ class ForgeXLModel:
     """The attributes of Forge's ``StableDiffusionXL`` the trainer uses."""
 
     def __init__(self, unet_patcher, clip, vae, tokenizer, scale_factor: float):
-        self.forge_objects = ForgeObjects(unet_patcher, clip, vae)
+        self.forge_objects = ForgeObjects(unet_patcher, clip, ForgeVAE(vae))
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.current_lora_hash = "[['x.safetensors', 1.0, 1.0, False]]"
         engine_flags(self, "SDXL")
@@ -78,7 +86,7 @@ class ForgeXLModel:
 
     @torch.inference_mode()
     def encode_first_stage(self, x):
-        return self.vae.encode(x).latent_dist.mean * self.scale_factor
+        return self.forge_objects.vae.encode_posterior(x) * self.scale_factor
 
     @torch.inference_mode()
     def decode_first_stage(self, z):

@@ -124,6 +124,7 @@ class DiffusionEngine(nn.Module):
         self.model.diffusion_model = unet
         self.conditioner = conditioner
         self.first_stage_model = vae
+        vae.regularization = types.SimpleNamespace(sample=True)  # sgm's DiagonalGaussianRegularizer(sample=True)
         self.scale_factor = 0.13025
         self.register_buffer("alphas_cumprod", alphas_cumprod)
         self.is_sdxl, self.is_sd1, self.is_sd2 = True, False, False
@@ -142,7 +143,10 @@ class DiffusionEngine(nn.Module):
 
     @torch.no_grad()
     def encode_first_stage(self, x):
-        return self.scale_factor * self.first_stage_model.encode(x).latent_dist.mean
+        # sgm's AutoencodingEngine: its DiagonalGaussianRegularizer samples the posterior unless ``sample`` is False
+        posterior = self.first_stage_model.encode(x).latent_dist
+        z = posterior.sample() if self.first_stage_model.regularization.sample else posterior.mode()
+        return self.scale_factor * z
 
     def get_first_stage_encoding(self, z):
         return z
