@@ -114,3 +114,9 @@ def test_cli_flags_override_the_file(tmp_path):
     config, resume = config_from_args(ns)
     assert (config.lora_rank, config.flip_aug, config.sample_prompts) == (4, True, ["a cat", "a dog"])
     assert config.output_name == "brand" and resume is None
+
+
+def test_the_dreambooth_example_config_loads():
+    config = load_config_file("configs/dreambooth_kohya.yaml")
+    assert (config.reg_data_dir, config.validation_split, config.log_with) == ("./data/dog_class", 0.1, "tensorboard")
+    assert config.cache_latents_to_disk and config.prior_loss_weight == 1.0
