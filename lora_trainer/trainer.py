@@ -122,6 +122,10 @@ def train(config: TrainConfig, backbone: Backbone, data: PreparedData, run: RunF
           events: Optional[EventBus] = None, stop: Optional[StopRequest] = None,
           resume: bool = False, processes: Processes = SINGLE) -> TrainResult:
     """Train a LoRA on ``backbone`` and write it into ``run``; the base model is given back untouched."""
+    layout = data.layout
+    if layout is not None and layout.from_kohya_config and layout.groups[0].resolution != config.resolution:
+        # kohya's dataset config wins over the run's resolution: samples, checks and metadata use its first dataset's
+        config = config.replace(resolution=layout.groups[0].resolution)
     with backbone.borrow(gradient_checkpointing=config.gradient_checkpointing):
         network = build_network(config, backbone)
         with network.attached_to_model():

@@ -223,7 +223,7 @@ def test_kohyas_documented_dataset_config_is_read_as_kohya_reads_it(kohya_folder
 @pytest.mark.slow
 def test_kohyas_documented_dataset_config_trains_unchanged(kohya_folders, tiny_sd1_files, tmp_path):
     config = config_of(tmp_path, tiny_sd1_files["folder"], dataset_config=str(kohya_folders), max_train_steps=3,
-                       final_check="off", sample_at_end=False, **KOHYA_BUCKETS)
+                       final_check="off", sample_at_end=False, **{**KOHYA_BUCKETS, "resolution": 256})
     result = run_training(config, lambda c: load_backbone_from_path(c.base_model))
     with safe_open(str(result.lora_path), "pt") as fh:
         meta = fh.metadata()
@@ -232,6 +232,7 @@ def test_kohyas_documented_dataset_config_trains_unchanged(kohya_folders, tiny_s
     assert [s["image_dir"] for s in datasets[0]["subsets"]] == ["hoge", "fuga", "reg"]
     assert datasets[0]["subsets"][2]["is_reg"] is True
     assert meta["ss_num_reg_images"] == "3"
+    assert meta["modelspec.resolution"] == "512x512", "the dataset config's resolution, not the run's default"
 
 
 @pytest.mark.parametrize("text, expected", [
