@@ -45,7 +45,7 @@ class ConsoleProgress:
         if isinstance(event, Started):
             self._close()
             self.bar = tqdm(total=event.total_steps, initial=event.start_step, unit="step", dynamic_ncols=True,
-                            mininterval=0.5, desc="training")
+                            mininterval=0, desc="training")  # every step, when it ends
         elif isinstance(event, Progress) and self.bar is not None:
             self.last = event
             self.bar.n = event.step
