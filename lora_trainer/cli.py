@@ -31,7 +31,7 @@ def _field_help(f: dataclasses.Field) -> str:
         extra.append(f"{meta['min']:g}..{meta['max']:g}")
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     extra.append("default: empty" if default in ("", None, []) else f"default: {default}")
-    return meta["help"] + f" ({'; '.join(extra)})"
+    return (meta["help"] + f" ({'; '.join(extra)})").replace("%", "%%")  # argparse formats help with %
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

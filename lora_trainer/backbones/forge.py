@@ -171,10 +171,12 @@ class ForgeBackbone(SamplingFallback):
 
     def _learned_conditioning(self, prompts):
         encode = self.sd_model.get_learned_conditioning
-        if torch.is_grad_enabled():  # a text-encoder LoRA is training: step around @torch.inference_mode()
-            inner = getattr(encode, "__wrapped__", None)
-            if inner is not None:
-                return inner(self.sd_model, prompts)
+        # Step around its @torch.inference_mode(), with or without gradients: a text-encoder LoRA needs them, and
+        # under inference mode Forge's text engine re-creates the embedding Parameters as inference tensors (the
+        # check before the first step did that, and they stayed in the WebUI's model).
+        inner = getattr(encode, "__wrapped__", None)
+        if inner is not None:
+            return inner(self.sd_model, prompts)
         return _clone(encode(prompts))  # inference tensors -> ordinary ones
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
