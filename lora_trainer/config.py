@@ -239,10 +239,10 @@ class TrainConfig:
         "validation_split or validation_data_dir.", min=0, max=10_000_000)
     validation_seed: Optional[int] = option(None, "sample", "Seed of the validation split, noise and timesteps. "
                                             "Empty: seed.", min=0, max=2**31 - 1)
-    final_check: str = option("quick", "sample", "Does-it-work check after the last step: quick (its weights checked, "
-                              "and the loss with and without the LoRA on 1 to 4 fixed samples, as many as keep it near "
-                              "2% of the training time), full (16 samples, and a strength sweep image at 6 weights, "
-                              "strength_sweep.png) or off.",
+    final_check: str = option("quick", "sample", "Does-it-work check after the last step: quick (its weights "
+                              "checked, and the loss with and without the LoRA on up to 4 fixed samples, as many as "
+                              "keep it near 2% of the training time; none for a very short run), full (16 samples, and "
+                              "a strength sweep image at 6 weights, strength_sweep.png) or off.",
                               choices=("quick", "full", "off"))
     # -- output --------------------------------------------------------------------------------
     output_dir: str = option("output", "output", "Where run folders are created.")

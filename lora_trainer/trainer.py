@@ -76,7 +76,7 @@ CONV_NETWORKS = ("locon", "loha", "lokr")  # the network types that also adapt t
 CHECK_BATCH = {"quick": (2, (250, 750)), "full": (4, (100, 400, 700, 900))}
 # quick sizes itself to the run: a sample through the UNet without backward costs about a third of a batch-1 step,
 # so n samples with and without the LoRA cost ~2n/3 steps; n = 3% of the images trained keeps that near 2% of the
-# training time (at least 1 sample, at most the 4 of the grid).
+# training time (at most the 4 of the grid; a run too short to pay for one sample gets the weights check only).
 QUICK_CHECK_SHARE = 0.03
 
 
@@ -553,8 +553,7 @@ class _Loop(LoopBase):
             return [(i, t) for i in records for t in timesteps]
         grid = [(records[k % len(records)], timesteps[(k + k // 2) % len(timesteps)]) for k in range(4)]
         grid = list(dict.fromkeys(grid))  # one image: its two timesteps once each
-        wanted = max(1, min(len(grid), int(QUICK_CHECK_SHARE * images_trained)))
-        return grid[:wanted]
+        return grid[:min(len(grid), int(QUICK_CHECK_SHARE * images_trained))]
 
     def _measure_without_lora(self, images_planned: int) -> None:
         """The check's loss without the LoRA is the base model's: it does not depend on training, so it is measured
@@ -565,6 +564,10 @@ class _Loop(LoopBase):
             return
         started = time.perf_counter()
         self.check_pairs = self._check_pairs(images_planned)
+        if not self.check_pairs:
+            logger.info("final_check quick: %d images to train pay for no loss sample (one costs about a third of a "
+                        "step); the LoRA's weights are checked after the last step", images_planned)
+            return
         self.loss_without_lora = self._fixed_batch_loss(0.0, self.check_pairs)
         logger.info("fixed-batch loss without the LoRA %.5f (%d samples, %.1f s)", self.loss_without_lora,
                     len(self.check_pairs), time.perf_counter() - started)
@@ -573,7 +576,7 @@ class _Loop(LoopBase):
         """The fixed-batch loss without (measured before the first step) and with the LoRA, sized by
         ``final_check`` and the run's length."""
         self.fixed_batch_losses: Dict[str, float] = {}
-        if self.config.final_check == "off":
+        if self.config.final_check == "off" or not self.check_pairs:
             return None, None
         pairs = self.check_pairs
         total, started = len(pairs), time.perf_counter()

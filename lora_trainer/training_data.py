@@ -274,6 +274,9 @@ def load_pixels(data: PreparedData, indices: Sequence[int], flips: Sequence[bool
     return torch.stack(tensors)
 
 
+MAX_ENCODE_PIXELS = 384 * 384  # pixels per VAE encode batch when caching latents
+
+
 class LatentCache:
     """Latents (and loss masks) of every record, and of its mirror image where it trains mirrored, encoded once, in
     bucket batches: in memory, or with ``disk`` in files that later runs reuse (memory then stays flat)."""
@@ -285,10 +288,13 @@ class LatentCache:
         for i, bucket in enumerate(data.buckets):
             by_bucket.setdefault(bucket, []).append(i)
         chunks = []
-        for indices in by_bucket.values():
-            for start in range(0, len(indices), batch_size):
+        for (width, height), indices in by_bucket.items():
+            # The VAE encoder's activations grow with the pixels: at 512 px and above one image at a time (as kohya),
+            # or a batch of 4 would be the run's peak memory.
+            size = max(1, min(batch_size, MAX_ENCODE_PIXELS // (width * height)))
+            for start in range(0, len(indices), size):
                 for flip in (False, True):
-                    chunk = [i for i in indices[start:start + batch_size] if flip in data.flips_of(i, config)]
+                    chunk = [i for i in indices[start:start + size] if flip in data.flips_of(i, config)]
                     if chunk:
                         chunks.append((chunk, flip))
         mine: Dict[Tuple[int, bool], Dict[str, torch.Tensor]] = {}

@@ -61,8 +61,8 @@ def test_training_on_forge_model_undoes_its_loras_and_reproduces_in_diffusers(fo
     assert sum(flags_before) > 100  # Forge's Parameters keep torch's default requires_grad=True
 
     backbone = ForgeBackbone(forge_model)
-    result = run_training(config(tmp_path), lambda c: backbone)  # every option at its default
-    assert 0 < result.loss_before < 10 and 0 < result.loss_after < 10  # the quick check: 8 passes, finite
+    result = run_training(config(tmp_path, max_train_steps=20), lambda c: backbone)  # every option at its default
+    assert 0 < result.loss_before < 10 and 0 < result.loss_after < 10  # the quick check: 40 images, 1 sample, finite
     assert forge_model.current_lora_hash == "[]"
     after = values_of(unet)
     assert all(torch.equal(pristine[k], after[k]) for k in pristine), "Forge's weights changed"

@@ -122,7 +122,7 @@ def test_every_finished_run_is_checked_cheaply(tiny_sd1_files, tmp_path):
 
 @pytest.mark.slow
 def test_the_end_of_a_run_is_bounded_visible_and_can_be_turned_off(tiny_sd1_files, tmp_path):
-    """quick (the default): sized to the run (here 6 images trained: 1 sample); the loss without the LoRA is measured
+    """quick (the default): sized to the run (here 40 images trained: 1 sample); the loss without the LoRA is measured
     before the first step, so after the last one a single UNet call is left, reported as a phase; off with no
     samples: none."""
     from lora_trainer.backbones.single_file import load_backbone_from_path
@@ -131,7 +131,7 @@ def test_the_end_of_a_run_is_bounded_visible_and_can_be_turned_off(tiny_sd1_file
     data = make_demo_dataset(tmp_path / "shapes", count=4)
     values = {"base_model": str(tiny_sd1_files["folder"]), "train_data_dir": str(data), "resolution": 64,
               "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "lora_rank": 4,
-              "batch_size": 2, "max_train_steps": 3, "sample_steps": 2, "seed": 3, "device": "cpu"}
+              "batch_size": 2, "max_train_steps": 20, "sample_steps": 2, "seed": 3, "device": "cpu"}
     for name, changes, passes_after in (("quick", {}, (1, 1)), ("off", {"final_check": "off",
                                                                             "sample_at_end": False}, (0, 0))):
         config = TrainConfig.from_dict({**values, **changes, "output_dir": str(tmp_path / name)})

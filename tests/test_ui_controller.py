@@ -365,3 +365,22 @@ def test_the_advanced_panel_groups_every_option_once_by_the_configs_sections():
             "masked_loss"} <= set(groups["Regularization, more folders, validation, masks"])
     assert {"final_check", "sample_at_end"} <= set(groups["Sampling and the final check"])
     assert all(FIELDS[n].metadata["help"] for n in names)  # each field shows its help text
+
+
+def test_kohya_dataset_options_from_the_form_estimate_and_chart(tmp_path, data):
+    """The Advanced panel's kohya options reach the config as the YAML would give them (subsets as YAML text), the
+    estimate counts regularization and validation images, and the chart gets the validation loss as its own series."""
+    from lora_trainer.ui.tab import _loss_frame
+
+    reg = make_demo_dataset(tmp_path / "reg" / "1_shape", count=3, seed=4).parent
+    c = controller(tmp_path)
+    subsets = f"- image_dir: {data}\n  num_repeats: 2\n- image_dir: {reg}\n  is_reg: true\n"
+    config = c.build_config("", "m.safetensors", "", form(subsets=subsets, validation_split=0.2, loss_type="huber",
+                                                          prior_loss_weight=0.5, resolution=64.0,
+                                                          min_bucket_reso=32.0, max_train_steps=0.0, epochs=1.0))
+    assert config.subsets == [{"image_dir": str(data), "num_repeats": 2}, {"image_dir": str(reg), "is_reg": True}]
+    assert (config.validation_split, config.loss_type, config.prior_loss_weight) == (0.2, "huber", 0.5)
+    estimate = c.estimate(config)
+    assert "3 regularization images (10 per epoch" in estimate and "1 validation image(s) held out" in estimate
+    frame = _loss_frame([(1, 0.5), (2, 0.4)], [(2, 0.45)])
+    assert list(frame["series"]) == ["training", "training", "validation"]

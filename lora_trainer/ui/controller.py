@@ -186,7 +186,7 @@ class TabController:
             text += (f"\nWith {len(reg)} regularization images ({sum(r.repeats for r in reg)} per epoch, as many as "
                      "training images; the steps above count them).")
         if val:
-            text += f"\n{len(val)} validation images held out (not trained on)."
+            text += f"\n{len(val)} validation image(s) held out (not trained on)."
         return text
 
     def _family(self) -> str:
