@@ -458,8 +458,10 @@ def webui_commit(webui: Path) -> str:
 def write_report(report: Report, path: Path, installs: dict, started: float) -> None:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=8", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True).stdout.splitlines()
+    written_here = ("docs/screenshot_", "tests/real_webui/REPORT.md")  # this suite's own output is not a change
+    dirty = [line for line in changed if not line[3:].startswith(written_here)]
     lines = [f"# Real-WebUI suite report, {datetime.date.today().isoformat()}", "",
              f"Extension at `{commit}`{' (with uncommitted changes)' if dirty else ''}; "
              f"{platform.node() and 'machine'}: {os.cpu_count()} CPU cores, Python "
