@@ -62,7 +62,7 @@ def test_file_reproduces_the_trained_model_in_diffusers(family, train_te, folder
     config = TrainConfig.from_dict({
         "base_model": str(folder), "train_data_dir": str(dataset), "output_dir": str(tmp_path), "output_name": "f",
         "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 32, "lora_rank": 4,
-        "learning_rate": 2e-2, "text_encoder_lr": 1e-2, "batch_size": 1, "max_train_steps": 2, "sample_steps": 1,
+        "learning_rate": 2e-2, "text_encoder_lr": 1e-2, "batch_size": 1, "max_train_steps": 3, "sample_steps": 1,
         "seed": 7, "device": "cpu", "save_precision": "fp32", "train_text_encoder": train_te,
         "trigger_word": "ltdemo"})
     seen_sizes = []
@@ -96,7 +96,7 @@ def test_file_reproduces_the_trained_model_in_diffusers(family, train_te, folder
     sidecar = json.loads((result.run_dir / "f.json").read_text())
     assert sidecar["sd version"] == sd_version
     # Training hands each image's bucket, original size and crop to the text conditioning (SDXL's time ids);
-    # plain sizes come only from rendering samples.
+    # plain sizes come only from rendering samples. 3 steps of batch 1 are one epoch: every image is seen.
     trained_sizes = {s.key() for s in seen_sizes if isinstance(s, TrainSize)}
     assert trained_sizes == {((64, 64), (96, 64), (0, 16)), ((64, 64), (64, 64), (0, 0))}
 
