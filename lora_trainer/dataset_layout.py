@@ -55,6 +55,7 @@ class Subset:
     flip_aug: bool = False
     mask: str = ""  # "" none, "alpha" the image's alpha channel, else a folder of mask images
     group: int = 0
+    origin: str = "train_data_dir"  # the option that named the folder, for messages
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,11 @@ def build_layout(config: TrainConfig) -> Layout:
     else:
         subsets = (Subset(**_plain_options(config), image_dir=config.train_data_dir, repeats=config.repeats),)
         if config.reg_data_dir:
-            subsets += (Subset(**_plain_options(config), image_dir=config.reg_data_dir, role="reg"),)
+            subsets += (Subset(**_plain_options(config), image_dir=config.reg_data_dir, role="reg",
+                               origin="reg_data_dir"),)
     if config.validation_data_dir:
-        subsets += (Subset(**_plain_options(config), image_dir=config.validation_data_dir, role="val"),)
+        subsets += (Subset(**_plain_options(config), image_dir=config.validation_data_dir, role="val",
+                           origin="validation_data_dir"),)
     return Layout((base_group,), subsets, config.validation_split, seed)
 
 
@@ -123,11 +126,11 @@ def _mask_source(masked_loss: bool, alpha_mask: bool, mask_dir: str) -> str:
 
 def _subset_from(config: TrainConfig, item: Dict[str, Any], inherited: Dict[str, Any], group: int, where: str,
                  kohya_style: bool) -> Subset:
-    values = {**inherited, **_checked(item, _SUBSET_OPTIONS, where, also=_GROUP_OPTIONS if not kohya_style else {})}
-    for key in _GROUP_OPTIONS:
-        if key in item and not kohya_style:
-            raise ConfigError(f"{where}: '{key}' applies to the whole run, not one folder; set it beside 'subsets' "
-                              "(or use a kohya dataset_config with several [[datasets]])")
+    run_wide = next((key for key in item if key in _GROUP_OPTIONS), None)
+    if run_wide is not None:  # kohya's subsets never hold them either: they belong to [[datasets]]
+        raise ConfigError(f"{where}: '{run_wide}' applies to the whole run, not one folder; set it beside 'subsets' "
+                          "(or use a kohya dataset_config with several [[datasets]])")
+    values = {**inherited, **_checked(item, _SUBSET_OPTIONS, where)}
     image_dir = values.get("image_dir", "")
     if not str(image_dir).strip():
         raise ConfigError(f"{where}: 'image_dir' is required (the folder of this subset's images)")
@@ -154,10 +157,10 @@ def _subset_from(config: TrainConfig, item: Dict[str, Any], inherited: Dict[str,
         flip_aug=values.get("flip_aug", config.flip_aug),
         mask=_mask_source(config.masked_loss, values.get("alpha_mask", config.alpha_mask),
                           values.get("mask_dir", config.mask_dir)),
-        group=group)
+        group=group, origin=f"image_dir of {where.rsplit(' ', 1)[-1] if kohya_style else where}")
 
 
-def _checked(item: Dict[str, Any], allowed: Dict[str, type], where: str, also: Dict[str, type]) -> Dict[str, Any]:
+def _checked(item: Dict[str, Any], allowed: Dict[str, type], where: str) -> Dict[str, Any]:
     """``item`` with kohya's aliases resolved, every key known and every value of its type; else one clear line."""
     out: Dict[str, Any] = {}
     for key, value in item.items():
@@ -166,9 +169,6 @@ def _checked(item: Dict[str, Any], allowed: Dict[str, type], where: str, also: D
             if value not in (_UNSUPPORTED_OFF[key], None, False, 0, "", ","):
                 raise ConfigError(f"{where}: '{key}' = {value!r} is a kohya option this trainer does not implement; "
                                   "remove it (or set it off) to train")
-            continue
-        if key in also:
-            out[key] = value
             continue
         if key not in allowed:
             close = difflib.get_close_matches(key, list(allowed) + list(_GROUP_OPTIONS), n=1, cutoff=0.6)
@@ -273,7 +273,7 @@ def _from_kohya_file(config: TrainConfig, path: Path, seed: int) -> Layout:
 def _split_group_options(values: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(dataset options, subset options inherited by every subset below), each checked."""
     others = {k: v for k, v in values.items() if k != "resolution"}
-    checked = _checked(others, {**_GROUP_OPTIONS, **_SUBSET_OPTIONS}, where, also={})
+    checked = _checked(others, {**_GROUP_OPTIONS, **_SUBSET_OPTIONS}, where)
     for key in ("image_dir", "is_reg", "class_tokens", "metadata_file", "is_validation"):
         if key in checked:
             raise ConfigError(f"{where}: '{key}' belongs in a [[datasets.subsets]] table")

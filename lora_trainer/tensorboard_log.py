@@ -95,21 +95,19 @@ class TensorBoardLog:
             self._fail(exc)
 
     def flush(self) -> None:
-        if self._writer is None:
-            return
-        try:
-            self._writer.flush()
-        except OSError as exc:
-            self._fail(exc)
+        self._guarded(lambda writer: writer.flush())
 
     def close(self) -> None:
+        self._guarded(lambda writer: writer.close())
+        self._writer = None
+
+    def _guarded(self, call) -> None:
         if self._writer is None:
             return
         try:
-            self._writer.close()
+            call(self._writer)
         except OSError as exc:
             self._fail(exc)
-        self._writer = None
 
     def _fail(self, exc: OSError) -> None:
         logger.warning("TensorBoard log off: writing to %s failed (%s); training goes on", self.log_dir, exc)

@@ -109,7 +109,7 @@ def prepare_data(config: TrainConfig, processes: int = 1) -> PreparedData:
     images balanced and validation images held out as kohya does, each image bucketed by its group's rules, and the
     step plan for ``processes`` data-parallel processes (each takes ``batch_size`` images of every micro-batch)."""
     layout = build_layout(config)
-    scan = _scan_all(config, layout)
+    scan = _scan_all(layout)
     records = _hold_out_validation(scan.records, layout)
     records = _balance_regularization(records, layout)
     scan.records = records
@@ -134,21 +134,15 @@ def prepare_data(config: TrainConfig, processes: int = 1) -> PreparedData:
     return PreparedData(scan=scan, buckets=buckets, plan=plan, layout=layout, plan_repeats=repeats, masks=masks)
 
 
-_WHAT = {"train": "train_data_dir", "reg": "reg_data_dir", "val": "validation_data_dir"}
-
-
-def _scan_all(config: TrainConfig, layout: Layout) -> DatasetScan:
+def _scan_all(layout: Layout) -> DatasetScan:
     records: List[ImageRecord] = []
     skipped: list = []
     sources: List[str] = []
     names_used: Dict[str, int] = {}
     for index, subset in enumerate(layout.subsets):
-        listed = bool(config.subsets or config.dataset_config) and subset.role != "val" or \
-            (subset.role == "val" and not config.validation_data_dir)
-        what = f"image_dir of folder {index + 1}" if listed else _WHAT[subset.role]
         part = scan_dataset(subset.image_dir, subset.metadata_path, subset.caption_extension, subset.repeats,
                             class_tokens=subset.class_tokens, folder_repeats=subset.folder_repeats, verify=True,
-                            what=what)
+                            what=subset.origin)
         renamed: Dict[str, str] = {}
         for record in part.records:
             name = renamed.get(record.subset)
@@ -342,9 +336,6 @@ class LatentCache:
             entry = self._encode([index], flip)[0]
             self.disk.put(self._key(index, flip), entry)
         return {k: v.to(self.backbone.device) for k, v in entry.items()}
-
-    def batch(self, indices: Sequence[int], flips: Sequence[bool]) -> torch.Tensor:
-        return self.batch_with_masks(indices, flips)[0]
 
     def batch_with_masks(self, indices: Sequence[int], flips: Sequence[bool]):
         """(latents, masks or None) of the items."""

@@ -50,6 +50,17 @@ def steps_logged(run_dir: Path) -> int:
     return max(0, len(lines) - 1)
 
 
+def kill_at_step(config: Path, run_dir: Path, step: int) -> None:
+    """Start training ``config`` and SIGKILL it once metrics.csv holds ``step`` steps."""
+    victim = cli("train", "--config", str(config))
+    deadline = time.time() + 600
+    while steps_logged(run_dir) < step and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, f"the run ended before it could be killed at step {step}"
+
+
 def test_sigkill_then_resume_is_bit_identical(tiny_sd1_files, tmp_path):
     dataset = make_demo_dataset(tmp_path / "data", count=6)
     model = tiny_sd1_files["folder"]
@@ -61,13 +72,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_sd1_files, tmp_path):
 
     kill_at = random.Random().randint(5, STEPS - 2)  # after the first checkpoint, before the end
     run_dir = tmp_path / "killed" / "r"
-    victim = cli("train", "--config", str(write_config(tmp_path, model, dataset, tmp_path / "killed")))
-    deadline = time.time() + 600
-    while steps_logged(run_dir) < kill_at and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, f"the run ended before it could be killed at step {kill_at}"
+    kill_at_step(write_config(tmp_path, model, dataset, tmp_path / "killed"), run_dir, kill_at)
     assert not (run_dir / "r.safetensors").exists()
 
     resumed = cli("train", "--resume", str(run_dir))

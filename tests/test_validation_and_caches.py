@@ -4,8 +4,6 @@ killed with SIGKILL and resumed bit-identically."""
 import csv
 import logging
 import random
-import signal
-import time
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_resume import cli, steps_logged
+from test_resume import cli, kill_at_step
 
 from lora_trainer.backbones.single_file import load_backbone_from_path
 from lora_trainer.config import TrainConfig
@@ -175,13 +173,7 @@ def test_every_kohya_feature_survives_sigkill_and_resume_bit_identically(tiny_sd
 
     kill_at = random.Random().randint(4, steps - 2)
     run_dir = tmp_path / "killed" / "r"
-    victim = cli("train", "--config", str(write_config("killed")))
-    deadline = time.time() + 600
-    while steps_logged(run_dir) < kill_at and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, f"the run ended before it could be killed at step {kill_at}"
+    kill_at_step(write_config("killed"), run_dir, kill_at)
     resumed = cli("train", "--resume", str(run_dir))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
