@@ -33,9 +33,33 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, write_lora) -> Path:
         # Through a Python file: on a full disk that raises OSError (ENOSPC), which atomic_dir turns into a
         # StorageError; torch.save(path) would raise a cryptic RuntimeError from its C++ writer instead.
         with open(tmp / STATE_FILE, "wb") as fh:
-            torch.save(state, fh)
+            sink = _WriteErrors(fh)
+            try:
+                torch.save(state, sink)
+            except RuntimeError:
+                # torch's zip writer turns the file's ENOSPC into "unexpected pos ..."; give the real reason
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
         write_lora(tmp)
     return target
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError a write raised (torch.save hides it behind a RuntimeError)."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def list_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:

@@ -481,6 +481,34 @@ def test_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
     assert step == 5 and (folder / "lora.safetensors").read_bytes() == b"ok"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-000005"]
 
+    # The disk fills while torch writes the training state (the real Forge suite, with CI filling the disk): torch
+    # reports "unexpected pos"; the run says the disk is full, and nothing is left half-written.
+    real_open = open
+
+    class FillingFile:
+        def __init__(self, path, mode):
+            self.fh, self.written = real_open(path, mode), 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr("lora_trainer.checkpoints.open", FillingFile, raising=False)
+    with pytest.raises(StorageError, match="disk is full"):
+        save_checkpoint(run, 6, {"step": 6, "x": torch.zeros(10_000)}, lambda folder: None)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-000005"]
+
 
 @pytest.mark.slow  # trains the tiny model for a step or two
 def test_full_disk_at_the_final_save(ready, monkeypatch):
